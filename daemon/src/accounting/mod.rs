@@ -1,0 +1,277 @@
+//! Byte accounting per socket: one front ([`Accounting`]) over two backends, the eBPF programs
+//! (counters in kernel maps by socket cookie, final totals at close) and user space (the relay
+//! reports what it moved through a [`Meter`]). The backend is picked at start and reported.
+
+mod ebpf;
+mod sys;
+
+use std::{
+    os::fd::AsFd,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{cgroup, config::AccountingMode};
+
+pub use ebpf::KernelStats;
+
+/// Errors starting or using accounting.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("eBPF accounting needs root (or CAP_BPF and CAP_NET_ADMIN)")]
+    NotPrivileged,
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::Error),
+    #[error("loading the eBPF object: {}", chain(.0))]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {}", chain(.source))]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {name}: {}", chain(.source))]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("reading socket {what}: {source}")]
+    Socket {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("watching the close-event ring: {0}")]
+    Ring(std::io::Error),
+}
+
+/// `err: cause: cause` — aya's errors keep the OS error in their source.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut next = err.source();
+    while let Some(e) = next {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        next = e.source();
+    }
+    out
+}
+
+/// Which backend counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Ebpf,
+    Userspace,
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Ebpf => "ebpf",
+            Mode::Userspace => "userspace",
+        })
+    }
+}
+
+/// Payload bytes of one socket, from the socket's point of view.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Received.
+    pub rx: u64,
+    /// Sent (for TCP under eBPF: sent and acknowledged by the peer).
+    pub tx: u64,
+}
+
+/// Transport of a tracked socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// Where the relay reports bytes it moved. Under eBPF it holds nothing and costs a branch.
+#[derive(Debug, Clone, Default)]
+pub struct Meter(Option<Arc<Cells>>);
+
+#[derive(Debug, Default)]
+struct Cells {
+    rx: AtomicU64,
+    tx: AtomicU64,
+}
+
+impl Meter {
+    /// `n` payload bytes were received on the socket.
+    #[inline]
+    pub fn add_rx(&self, n: u64) {
+        if let Some(c) = &self.0 {
+            c.rx.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// `n` payload bytes were sent on the socket.
+    #[inline]
+    pub fn add_tx(&self, n: u64) {
+        if let Some(c) = &self.0 {
+            c.tx.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether reports are counted (user-space accounting).
+    pub fn is_counting(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn read(&self) -> Counters {
+        self.0
+            .as_ref()
+            .map_or_else(Counters::default, |c| Counters {
+                rx: c.rx.load(Ordering::Relaxed),
+                tx: c.tx.load(Ordering::Relaxed),
+            })
+    }
+}
+
+/// A socket under accounting.
+#[derive(Debug)]
+pub struct Tracked {
+    cookie: u64,
+    proto: Proto,
+    meter: Meter,
+}
+
+impl Tracked {
+    /// The socket's cookie (`SO_COOKIE`): its key in the kernel maps.
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+
+    /// The transport.
+    pub fn proto(&self) -> Proto {
+        self.proto
+    }
+
+    /// Where to report moved bytes (a no-op under eBPF).
+    pub fn meter(&self) -> &Meter {
+        &self.meter
+    }
+}
+
+/// The accounting front: tracks sockets, reads live counters, hands out final totals.
+#[derive(Debug, Clone)]
+pub struct Accounting {
+    backend: Backend,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Ebpf(Arc<ebpf::Kernel>),
+    Userspace,
+}
+
+impl Accounting {
+    /// Starts accounting as `mode` asks. `auto` falls back to user space with one log line
+    /// saying why; `ebpf` returns the error instead. Background tasks (close events, kernel
+    /// log records) run on `tracker` until `cancel`.
+    pub fn start(
+        mode: AccountingMode,
+        cgroup: Option<PathBuf>,
+        cancel: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<Accounting, Error> {
+        let userspace = Accounting {
+            backend: Backend::Userspace,
+        };
+        if mode == AccountingMode::Userspace {
+            tracing::info!("accounting: userspace (configured)");
+            return Ok(userspace);
+        }
+        match ebpf::Kernel::start(cgroup.as_deref(), cancel, tracker) {
+            Ok(kernel) => {
+                tracing::info!("accounting: ebpf (cgroup {})", kernel.cgroup().display());
+                Ok(Accounting {
+                    backend: Backend::Ebpf(Arc::new(kernel)),
+                })
+            }
+            Err(e) if mode == AccountingMode::Auto => {
+                tracing::warn!("accounting: userspace (eBPF unavailable: {e})");
+                Ok(userspace)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The backend in use.
+    pub fn mode(&self) -> Mode {
+        match self.backend {
+            Backend::Ebpf(_) => Mode::Ebpf,
+            Backend::Userspace => Mode::Userspace,
+        }
+    }
+
+    /// The cgroup whose sockets the kernel programs count (eBPF only).
+    pub fn cgroup(&self) -> Option<PathBuf> {
+        match &self.backend {
+            Backend::Ebpf(k) => Some(k.cgroup().to_owned()),
+            Backend::Userspace => None,
+        }
+    }
+
+    /// Starts tracking a connected TCP or UDP socket. Call it before the socket can close.
+    pub fn track(&self, socket: impl AsFd) -> Result<Tracked, Error> {
+        let fd = socket.as_fd();
+        let cookie = sys::cookie(fd)?;
+        let proto = sys::proto(fd)?;
+        let meter = match &self.backend {
+            Backend::Ebpf(k) => {
+                k.watch(cookie);
+                Meter(None)
+            }
+            Backend::Userspace => Meter(Some(Arc::default())),
+        };
+        Ok(Tracked {
+            cookie,
+            proto,
+            meter,
+        })
+    }
+
+    /// The socket's counters now.
+    pub fn live(&self, t: &Tracked) -> Counters {
+        match &self.backend {
+            Backend::Ebpf(k) => k.live(t.cookie, t.proto),
+            Backend::Userspace => t.meter.read(),
+        }
+    }
+
+    /// The socket's final totals. Under eBPF they arrive when the kernel closes the socket
+    /// (which, after `close()`, still delivers what was buffered); past `grace` the last live
+    /// values are returned instead.
+    pub async fn finish(&self, t: Tracked, grace: Duration) -> Counters {
+        match &self.backend {
+            Backend::Ebpf(k) => k.finish(t.cookie, t.proto, grace).await,
+            Backend::Userspace => t.meter.read(),
+        }
+    }
+
+    /// Kernel map occupancy and loss counters (eBPF only).
+    pub fn kernel_stats(&self) -> Option<KernelStats> {
+        match &self.backend {
+            Backend::Ebpf(k) => Some(k.stats()),
+            Backend::Userspace => None,
+        }
+    }
+
+    /// Whether the kernel still holds an entry for `cookie` (eBPF only; false otherwise).
+    pub fn kernel_holds(&self, cookie: u64) -> bool {
+        match &self.backend {
+            Backend::Ebpf(k) => k.holds(cookie),
+            Backend::Userspace => false,
+        }
+    }
+}

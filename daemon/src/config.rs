@@ -1,0 +1,233 @@
+//! YAML → typed [`Config`]. Keys shared with mihomo keep mihomo's names and meanings; unknown
+//! keys and bad values are an [`Error`] naming the key and its line (the binary exits 64).
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+/// Everything the daemon reads from its config file. Every key has a default, so an empty
+/// file (or no file) is a valid configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct Config {
+    /// mihomo's `log-level`.
+    pub log_level: LogLevel,
+    /// Where byte counts come from.
+    pub accounting: AccountingMode,
+    /// The cgroup v2 directory whose sockets are accounted. Default: the daemon's own cgroup,
+    /// or a child of it made for the daemon when its own cgroup is the root.
+    pub accounting_cgroup: Option<PathBuf>,
+}
+
+/// mihomo's log levels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Debug,
+    #[default]
+    Info,
+    Warning,
+    Error,
+    Silent,
+}
+
+impl LogLevel {
+    /// The `tracing` filter directive for this level.
+    pub fn directive(self) -> &'static str {
+        match self {
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warning => "warn",
+            LogLevel::Error => "error",
+            LogLevel::Silent => "off",
+        }
+    }
+}
+
+/// `accounting: auto | ebpf | userspace`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccountingMode {
+    /// eBPF when it can be used, else user space (saying why).
+    #[default]
+    Auto,
+    /// eBPF or fail.
+    Ebpf,
+    /// Count in the relay.
+    Userspace,
+}
+
+/// A config that could not be read or understood.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", describe(.file, .key, .line, .message))]
+    Invalid {
+        file: String,
+        /// The offending key as a dotted path (`accounting`, `proxies[0].port`), when known.
+        key: Option<String>,
+        line: Option<usize>,
+        message: String,
+    },
+}
+
+fn describe(file: &str, key: &Option<String>, line: &Option<usize>, message: &str) -> String {
+    let mut out = format!("config error in {file}");
+    if let Some(line) = line {
+        out.push_str(&format!(" line {line}"));
+    }
+    if let Some(key) = key {
+        out.push_str(&format!(", key `{key}`"));
+    }
+    out.push_str(": ");
+    out.push_str(message);
+    out
+}
+
+impl Error {
+    /// The offending key, when the error is about one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Error::Invalid { key, .. } => key.as_deref(),
+            Error::Read { .. } => None,
+        }
+    }
+
+    /// The 1-based line of the error, when known.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            Error::Invalid { line, .. } => *line,
+            Error::Read { .. } => None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and parses `path`.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses YAML `text`; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, Error> {
+        // An empty document (or only comments) is the all-defaults config.
+        if text.lines().all(|l| {
+            let l = l.trim();
+            l.is_empty() || l.starts_with('#') || l == "---"
+        }) {
+            return Ok(Config::default());
+        }
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            let message = strip_location(&inner.to_string());
+            let key = unknown_field(&message)
+                .map(|field| join_key(&path, field))
+                .or_else(|| (path != ".").then_some(path));
+            Error::Invalid {
+                file: file.to_owned(),
+                key,
+                line: inner.location().map(|l| l.line()),
+                message,
+            }
+        })
+    }
+}
+
+/// serde_yaml appends " at line L column C"; the line is reported separately.
+fn strip_location(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(i) => message[..i].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+/// The field named by serde's "unknown field `x`, expected ..." message.
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.split_once("unknown field `")?.1;
+    Some(&rest[..rest.find('`')?])
+}
+
+fn join_key(parent: &str, field: &str) -> String {
+    if parent == "." || parent.is_empty() {
+        field.to_owned()
+    } else {
+        format!("{parent}.{field}")
+    }
+}
+
+impl fmt::Display for AccountingMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AccountingMode::Auto => "auto",
+            AccountingMode::Ebpf => "ebpf",
+            AccountingMode::Userspace => "userspace",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid(text: &str) -> Error {
+        Config::parse(text, "test.yaml").expect_err("config should be rejected")
+    }
+
+    #[test]
+    fn empty_is_defaults() {
+        assert_eq!(Config::parse("", "x").ok(), Some(Config::default()));
+        assert_eq!(
+            Config::parse("# nothing\n\n", "x").ok(),
+            Some(Config::default())
+        );
+    }
+
+    #[test]
+    fn reads_known_keys() {
+        let c = Config::parse(
+            "log-level: debug\naccounting: userspace\naccounting-cgroup: /sys/fs/cgroup/x\n",
+            "x",
+        )
+        .expect("valid config");
+        assert_eq!(c.log_level, LogLevel::Debug);
+        assert_eq!(c.accounting, AccountingMode::Userspace);
+        assert_eq!(c.accounting_cgroup, Some(PathBuf::from("/sys/fs/cgroup/x")));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let e = invalid("log-level: info\nbogus-key: 1\n");
+        assert_eq!(e.key(), Some("bogus-key"));
+        assert_eq!(e.line(), Some(2));
+        assert!(e.to_string().contains("bogus-key"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_is_named_with_its_line() {
+        let e = invalid("log-level: info\naccounting: kernel\n");
+        assert_eq!(e.key(), Some("accounting"));
+        assert_eq!(e.line(), Some(2));
+        let e = invalid("log-level: loud\n");
+        assert_eq!(e.key(), Some("log-level"));
+        assert_eq!(e.line(), Some(1));
+    }
+
+    #[test]
+    fn syntax_error_has_a_line() {
+        let e = invalid("log-level: info\n  accounting: [\n");
+        assert!(e.line().is_some(), "{e}");
+    }
+}
