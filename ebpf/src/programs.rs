@@ -8,7 +8,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock_ops,
     },
     btf_maps::{HashMap, PerCpuArray, RingBuf},
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_tcp_sock},
     macros::{btf_map, cgroup_skb, cgroup_sock, sock_ops},
     programs::{SkBuffContext, SockContext, SockOpsContext},
 };
@@ -38,6 +38,7 @@ const TCP_LAST_ACK: u32 = 9;
 const TCP_CLOSING: u32 = 11;
 
 const TCPHDR_FIN: u32 = 0x01;
+const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const UDP_HEADER: u32 = 8;
 
@@ -113,24 +114,47 @@ fn tcp_established(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags(flags as i32);
 }
 
+/// The kernel's counters of a TCP socket at one instant (from sock_ops or `bpf_tcp_sock`).
+struct TcpNow {
+    bytes_received: u64,
+    bytes_acked: u64,
+    snd_una: u32,
+    snd_nxt: u32,
+}
+
+impl TcpNow {
+    fn from_ops(o: &bpf_sock_ops) -> TcpNow {
+        TcpNow {
+            bytes_received: o.bytes_received,
+            bytes_acked: o.bytes_acked,
+            snd_una: o.snd_una,
+            snd_nxt: o.snd_nxt,
+        }
+    }
+}
+
 /// Whether our FIN has been acknowledged, judged in TCP state `state`.
-fn fin_acked(o: &bpf_sock_ops, state: u32) -> bool {
+fn fin_acked(now: &TcpNow, state: u32) -> bool {
     match state {
         TCP_FIN_WAIT2 => true,
-        TCP_FIN_WAIT1 | TCP_CLOSING | TCP_LAST_ACK => o.snd_una == o.snd_nxt,
+        TCP_FIN_WAIT1 | TCP_CLOSING | TCP_LAST_ACK => now.snd_una == now.snd_nxt,
         _ => false,
     }
 }
 
-/// Payload totals from the kernel's counters, SYN and FIN taken out.
-fn totals(o: &bpf_sock_ops, e: &TcpSock, state: u32, fin_received: bool) -> (u64, u64) {
-    let rx = u64::from(o.bytes_received)
+/// Payload totals from the kernel's counters, SYN and FIN taken out; stored in `e`.
+fn refresh(e: &mut TcpSock, now: &TcpNow, state: u32) -> (u64, u64) {
+    let fin_received = e.flags & tcp_flags::FIN_RECEIVED != 0;
+    let rx = now
+        .bytes_received
         .saturating_sub(e.rx_base)
         .saturating_sub(u64::from(fin_received));
-    let tx = o
+    let tx = now
         .bytes_acked
         .saturating_sub(e.tx_base)
-        .saturating_sub(u64::from(fin_acked(o, state)));
+        .saturating_sub(u64::from(fin_acked(now, state)));
+    e.rx = rx;
+    e.tx = tx;
     (rx, tx)
 }
 
@@ -140,12 +164,11 @@ fn tcp_refresh(ctx: &SockOpsContext, parsed_segment: bool) {
     let Some(e) = TPACCT_TCP.get_ptr_mut(cookie) else {
         return;
     };
-    // sock_ops callbacks run under the socket lock: one writer per entry.
+    // sock_ops callbacks run under the socket lock.
     let e = unsafe { &mut *e };
-    let (rx, tx) = totals(o, e, o.state, e.flags & tcp_flags::FIN_RECEIVED != 0);
-    e.rx = rx;
-    e.tx = tx;
+    refresh(e, &TcpNow::from_ops(o), o.state);
     if parsed_segment {
+        // Only slow-path segments are parsed; FIN always takes the slow path.
         if o.skb_tcp_flags & TCPHDR_FIN != 0 {
             e.flags |= tcp_flags::LAST_SEGMENT_FIN;
         } else {
@@ -171,9 +194,7 @@ fn tcp_state(ctx: &SockOpsContext) {
     {
         e.flags |= tcp_flags::FIN_RECEIVED;
     }
-    let (rx, tx) = totals(o, e, old, e.flags & tcp_flags::FIN_RECEIVED != 0);
-    e.rx = rx;
-    e.tx = tx;
+    let (rx, tx) = refresh(e, &TcpNow::from_ops(o), old);
     if new != TCP_CLOSE {
         return;
     }
@@ -193,34 +214,74 @@ fn tcp_state(ctx: &SockOpsContext) {
 
 #[cgroup_skb(ingress)]
 pub fn tpacct_skb_ingress(ctx: SkBuffContext) -> i32 {
-    udp_count(&ctx, true);
+    skb_seen(&ctx, true);
     1
 }
 
 #[cgroup_skb(egress)]
 pub fn tpacct_skb_egress(ctx: SkBuffContext) -> i32 {
-    udp_count(&ctx, false);
+    skb_seen(&ctx, false);
     1
 }
 
-/// UDP payload length of the IP packet in `ctx` (cgroup_skb data starts at the IP header).
-fn udp_payload(ctx: &SkBuffContext) -> Option<u64> {
+/// IP header length and transport protocol of the packet (cgroup_skb data starts at the IP
+/// header).
+fn ip_header(ctx: &SkBuffContext) -> Option<(u32, u8)> {
     let first: u8 = ctx.load(0).ok()?;
-    let (header, protocol) = match first >> 4 {
-        4 => (u32::from(first & 0x0f) * 4, ctx.load::<u8>(9).ok()?),
-        6 => (40, ctx.load::<u8>(6).ok()?),
-        _ => return None,
-    };
-    if protocol != IPPROTO_UDP {
-        return None;
+    match first >> 4 {
+        4 => Some((u32::from(first & 0x0f) * 4, ctx.load::<u8>(9).ok()?)),
+        6 => Some((40, ctx.load::<u8>(6).ok()?)),
+        _ => None,
     }
-    Some(u64::from(ctx.len().checked_sub(header + UDP_HEADER)?))
 }
 
-fn udp_count(ctx: &SkBuffContext, ingress: bool) {
-    let Some(payload) = udp_payload(ctx) else {
+fn skb_seen(ctx: &SkBuffContext, ingress: bool) {
+    match ip_header(ctx) {
+        Some((header, IPPROTO_UDP)) => udp_count(ctx, header, ingress),
+        Some((_, IPPROTO_TCP)) => tcp_refresh_skb(ctx),
+        _ => {}
+    }
+}
+
+/// Keeps live TCP counters fresh from the packet path. sock_ops gets no callback for segments
+/// on the receive fast path, so a receive-only socket would otherwise stay at its last slow-path
+/// value: ingress packets refresh it (counters as of the previous segment) and so do the ACKs
+/// it sends (counters including the data they acknowledge). Final totals still come only from
+/// sock_ops at TCP_CLOSE.
+fn tcp_refresh_skb(ctx: &SkBuffContext) {
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return;
+    }
+    let tp = unsafe { bpf_tcp_sock(sk) };
+    if tp.is_null() {
+        return;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let Some(e) = TPACCT_TCP.get_ptr_mut(cookie) else {
         return;
     };
+    let (tp, state) = unsafe { (&*tp, (*sk).state) };
+    let now = TcpNow {
+        bytes_received: tp.bytes_received,
+        bytes_acked: tp.bytes_acked,
+        snd_una: tp.snd_una,
+        snd_nxt: tp.snd_nxt,
+    };
+    // Ingress runs without the socket lock: a racing update may briefly store values one
+    // segment old; the next one corrects them, and the close event is computed afresh.
+    refresh(unsafe { &mut *e }, &now, state);
+}
+
+fn udp_count(ctx: &SkBuffContext, header: u32, ingress: bool) {
+    let Some(payload) = ctx.len().checked_sub(header + UDP_HEADER) else {
+        return;
+    };
+    let payload = u64::from(payload);
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let entry = match TPACCT_UDP.get_ptr_mut(cookie) {
         Some(e) => e,

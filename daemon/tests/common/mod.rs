@@ -1,0 +1,247 @@
+//! Test harness: a fresh network namespace per test, the real accounting (eBPF programs
+//! attached to a cgroup made for the test, or user space), and helpers that move real bytes.
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the harness"
+)]
+
+use std::{
+    future::Future,
+    os::fd::{AsFd, AsRawFd},
+    path::PathBuf,
+    process::Command,
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tpacct::{
+    accounting::{Accounting, Counters, Meter, Mode, Tracked},
+    cgroup,
+    config::AccountingMode,
+};
+
+/// Tests share one process, hence one cgroup membership: they take turns.
+static SERIAL: Mutex<()> = Mutex::new(());
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// How long `finish` may wait for the kernel's close event in tests.
+pub const GRACE: Duration = Duration::from_secs(5);
+
+/// True when running as root; otherwise prints why `test` is skipped.
+pub fn root_or_skip(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("skipping {test}: needs root (network namespaces, cgroups, eBPF)");
+    false
+}
+
+/// A network namespace made with `ip netns`, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        let name = format!(
+            "tpacct-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        run(&["ip", "netns", "add", &name]);
+        run(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Netns { name }
+    }
+
+    /// Moves the calling thread into the namespace; sockets it creates live there.
+    pub fn enter(&self) {
+        let file =
+            std::fs::File::open(format!("/var/run/netns/{}", self.name)).expect("open netns file");
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("setns into test namespace");
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+pub fn run(args: &[&str]) {
+    let status = Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(status.success(), "{args:?} failed: {status}");
+}
+
+/// Runs `body` in a fresh network namespace, on its own thread and runtime, with accounting
+/// started in `mode` (eBPF attached to a cgroup made for this test).
+pub fn with_accounting<F, Fut>(test: &str, mode: Mode, body: F)
+where
+    F: FnOnce(Accounting) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    if !root_or_skip(test) {
+        return;
+    }
+    let _turn = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let ns = Netns::new("t");
+    let cgroup = test_cgroup(test);
+    let result = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                ns.enter();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async {
+                    let cancel = CancellationToken::new();
+                    let tracker = TaskTracker::new();
+                    let wanted = match mode {
+                        Mode::Ebpf => AccountingMode::Ebpf,
+                        Mode::Userspace => AccountingMode::Userspace,
+                    };
+                    let accounting = Accounting::start(wanted, Some(cgroup), &cancel, &tracker)
+                        .expect("start accounting");
+                    assert_eq!(accounting.mode(), mode);
+                    body(accounting).await;
+                    cancel.cancel();
+                    tracker.close();
+                    tracker.wait().await;
+                });
+            })
+            .join()
+    });
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn test_cgroup(test: &str) -> PathBuf {
+    cgroup::own()
+        .expect("own cgroup")
+        .join(format!("tpacct-test-{}-{test}", std::process::id()))
+}
+
+/// A connected TCP pair over `addr` ("127.0.0.1" or "::1"), both ends tracked.
+pub struct Pair {
+    pub client: TcpStream,
+    pub server: TcpStream,
+    pub client_t: Tracked,
+    pub server_t: Tracked,
+}
+
+pub async fn tcp_pair(acc: &Accounting, addr: &str) -> Pair {
+    let listener = TcpListener::bind((addr, 0)).await.expect("bind");
+    let target = listener.local_addr().expect("local addr");
+    let (client, accepted) = tokio::join!(TcpStream::connect(target), listener.accept());
+    let client = client.expect("connect");
+    let (server, _) = accepted.expect("accept");
+    let client_t = acc.track(&client).expect("track client");
+    let server_t = acc.track(&server).expect("track server");
+    Pair {
+        client,
+        server,
+        client_t,
+        server_t,
+    }
+}
+
+/// Deterministic payload so receivers can check what they got.
+pub fn pattern(offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = ((offset + i as u64) % 251) as u8;
+    }
+}
+
+/// Writes `n` pattern bytes, reporting them to `meter`.
+pub async fn send(stream: &mut TcpStream, n: u64, meter: &Meter) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut sent = 0u64;
+    while sent < n {
+        let len = (n - sent).min(buf.len() as u64) as usize;
+        pattern(sent, &mut buf[..len]);
+        stream.write_all(&buf[..len]).await.expect("write");
+        meter.add_tx(len as u64);
+        sent += len as u64;
+    }
+}
+
+/// Reads until EOF, checking the pattern, reporting to `meter`; returns the byte count.
+pub async fn recv_to_eof(stream: &mut TcpStream, meter: &Meter) -> u64 {
+    recv_up_to(stream, u64::MAX, meter).await
+}
+
+/// Reads exactly `n` bytes (or until EOF), checking the pattern.
+pub async fn recv_up_to(stream: &mut TcpStream, n: u64, meter: &Meter) -> u64 {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut expect = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    while got < n {
+        let want = (n - got).min(buf.len() as u64) as usize;
+        let len = stream.read(&mut buf[..want]).await.expect("read");
+        if len == 0 {
+            break;
+        }
+        pattern(got, &mut expect[..len]);
+        assert!(buf[..len] == expect[..len], "payload corrupted at {got}");
+        meter.add_rx(len as u64);
+        got += len as u64;
+    }
+    got
+}
+
+/// Turns on TCP_QUICKACK so the next segments are acknowledged at once.
+pub fn quickack(stream: &TcpStream) {
+    let one: libc::c_int = 1;
+    // SAFETY: valid fd and option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&raw const one).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_QUICKACK");
+}
+
+/// Closes `stream` with a reset (SO_LINGER 0).
+pub fn abort(stream: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd and option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER");
+    drop(stream);
+}
+
+pub fn counters(rx: u64, tx: u64) -> Counters {
+    Counters { rx, tx }
+}

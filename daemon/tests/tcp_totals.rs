@@ -1,0 +1,143 @@
+//! Exact TCP payload totals at close, eBPF and user space alike: transfers of 0 B to 100 MiB
+//! each way, half-close, abortive close (RST), IPv6.
+
+mod common;
+
+use common::{GRACE, Pair, abort, counters, quickack, recv_to_eof, recv_up_to, send, tcp_pair};
+use tokio::io::AsyncWriteExt;
+use tpacct::accounting::{Accounting, Mode};
+
+const SIZES: [u64; 5] = [0, 1, 64 * 1024, 1 << 20, 100 << 20];
+
+/// `n` bytes one way, then an orderly close from both ends; checks both ends' finals.
+async fn one_way(acc: &Accounting, addr: &str, n: u64, upload: bool) {
+    let Pair {
+        client,
+        server,
+        client_t,
+        server_t,
+    } = tcp_pair(acc, addr).await;
+    let (mut tx_s, tx_t, mut rx_s, rx_t) = if upload {
+        (client, client_t, server, server_t)
+    } else {
+        (server, server_t, client, client_t)
+    };
+    let (tx_m, rx_m) = (tx_t.meter().clone(), rx_t.meter().clone());
+    let sender = async move {
+        send(&mut tx_s, n, &tx_m).await;
+        tx_s.shutdown().await.expect("shutdown");
+        assert_eq!(recv_to_eof(&mut tx_s, &tx_m).await, 0);
+    };
+    let receiver = async move {
+        assert_eq!(recv_to_eof(&mut rx_s, &rx_m).await, n);
+    };
+    tokio::join!(sender, receiver);
+    let (tx_final, rx_final) = tokio::join!(acc.finish(tx_t, GRACE), acc.finish(rx_t, GRACE));
+    let dir = if upload { "upload" } else { "download" };
+    assert_eq!(
+        tx_final,
+        counters(0, n),
+        "sender of {n} B {dir} over {addr}"
+    );
+    assert_eq!(
+        rx_final,
+        counters(n, 0),
+        "receiver of {n} B {dir} over {addr}"
+    );
+}
+
+async fn sizes_both_ways(acc: Accounting) {
+    for n in SIZES {
+        one_way(&acc, "127.0.0.1", n, true).await;
+        one_way(&acc, "127.0.0.1", n, false).await;
+    }
+    one_way(&acc, "::1", 1 << 20, true).await;
+    one_way(&acc, "::1", 1 << 20, false).await;
+}
+
+/// The client sends a request and shuts its write side; the server reads to EOF, then replies
+/// in full over the half-open connection and closes.
+async fn half_close(acc: Accounting) {
+    let (request, reply) = (300_000u64, 5_000_000u64);
+    let Pair {
+        mut client,
+        mut server,
+        client_t,
+        server_t,
+    } = tcp_pair(&acc, "127.0.0.1").await;
+    let (cm, sm) = (client_t.meter().clone(), server_t.meter().clone());
+    let client_side = async move {
+        send(&mut client, request, &cm).await;
+        client.shutdown().await.expect("shutdown");
+        assert_eq!(recv_to_eof(&mut client, &cm).await, reply);
+    };
+    let server_side = async move {
+        assert_eq!(recv_to_eof(&mut server, &sm).await, request);
+        send(&mut server, reply, &sm).await;
+    };
+    tokio::join!(client_side, server_side);
+    let (c, s) = tokio::join!(acc.finish(client_t, GRACE), acc.finish(server_t, GRACE));
+    assert_eq!(c, counters(reply, request), "client");
+    assert_eq!(s, counters(request, reply), "server");
+}
+
+/// The client sends, the server confirms receipt with one byte, the client resets the
+/// connection (SO_LINGER 0). Every byte was delivered and acknowledged before the reset.
+async fn reset(acc: Accounting) {
+    let n = 1_000_000u64;
+    let Pair {
+        mut client,
+        mut server,
+        client_t,
+        server_t,
+    } = tcp_pair(&acc, "127.0.0.1").await;
+    let (cm, sm) = (client_t.meter().clone(), server_t.meter().clone());
+    let client_side = async move {
+        send(&mut client, n, &cm).await;
+        quickack(&client);
+        assert_eq!(recv_up_to(&mut client, 1, &cm).await, 1);
+        quickack(&client);
+        abort(client);
+    };
+    let server_side = async move {
+        assert_eq!(recv_up_to(&mut server, n, &sm).await, n);
+        send(&mut server, 1, &sm).await;
+        // The reset ends the server's reads with ECONNRESET (or EOF if it lands first).
+        let mut byte = [0u8; 1];
+        let _ = tokio::io::AsyncReadExt::read(&mut server, &mut byte).await;
+    };
+    tokio::join!(client_side, server_side);
+    let (c, s) = tokio::join!(acc.finish(client_t, GRACE), acc.finish(server_t, GRACE));
+    assert_eq!(c, counters(1, n), "client (reset sender)");
+    assert_eq!(s, counters(n, 1), "server (reset receiver)");
+}
+
+#[test]
+fn sizes_both_ways_ebpf() {
+    common::with_accounting("sizes_ebpf", Mode::Ebpf, sizes_both_ways);
+}
+
+#[test]
+fn sizes_both_ways_userspace() {
+    common::with_accounting("sizes_user", Mode::Userspace, sizes_both_ways);
+}
+
+#[test]
+fn half_close_ebpf() {
+    common::with_accounting("half_ebpf", Mode::Ebpf, half_close);
+}
+
+#[test]
+fn half_close_userspace() {
+    common::with_accounting("half_user", Mode::Userspace, half_close);
+}
+
+#[test]
+fn reset_ebpf() {
+    common::with_accounting("reset_ebpf", Mode::Ebpf, reset);
+}
+
+#[test]
+fn reset_userspace() {
+    common::with_accounting("reset_user", Mode::Userspace, reset);
+}
