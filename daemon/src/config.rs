@@ -133,9 +133,11 @@ impl Config {
             let path = err.path().to_string();
             let inner = err.into_inner();
             let message = strip_location(&inner.to_string());
-            let key = unknown_field(&message)
-                .map(|field| join_key(&path, field))
-                .or_else(|| (path != ".").then_some(path));
+            // The path names the offending key, unknown ones included; at the top level of a
+            // malformed document it is "." and the message may still name a field.
+            let key = (path != ".")
+                .then_some(path)
+                .or_else(|| unknown_field(&message).map(str::to_owned));
             Error::Invalid {
                 file: file.to_owned(),
                 key,
@@ -158,14 +160,6 @@ fn strip_location(message: &str) -> String {
 fn unknown_field(message: &str) -> Option<&str> {
     let rest = message.split_once("unknown field `")?.1;
     Some(&rest[..rest.find('`')?])
-}
-
-fn join_key(parent: &str, field: &str) -> String {
-    if parent == "." || parent.is_empty() {
-        field.to_owned()
-    } else {
-        format!("{parent}.{field}")
-    }
 }
 
 impl fmt::Display for AccountingMode {

@@ -1,0 +1,154 @@
+//! The `tpacctd` binary: `--version`, `check` (exit 64 naming the key and line), and `run`
+//! reporting its accounting mode and cleaning up its cgroup on SIGTERM.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tpacctd");
+
+fn config_file(name: &str, text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("tpacct-cli-{}-{name}.yaml", std::process::id()));
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+fn tpacctd(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run tpacctd")
+}
+
+#[test]
+fn version() {
+    let out = tpacctd(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("tpacctd {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn check_accepts_a_valid_config() {
+    let path = config_file("ok", "log-level: warning\naccounting: auto\n");
+    let out = tpacctd(&["check", "--config", path.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn check_rejects_broken_configs_with_64_naming_the_key() {
+    for (name, text, key, line) in [
+        (
+            "unknown",
+            "log-level: info\nlog-levle: debug\n",
+            "log-levle",
+            2,
+        ),
+        (
+            "value",
+            "log-level: info\n\naccounting: kernel\n",
+            "accounting",
+            3,
+        ),
+        ("level", "log-level: loud\n", "log-level", 1),
+    ] {
+        let path = config_file(name, text);
+        let out = tpacctd(&["check", "--config", path.to_str().expect("utf-8")]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{name}: {stderr}");
+        assert!(stderr.contains(&format!("key `{key}`")), "{name}: {stderr}");
+        assert!(stderr.contains(&format!("line {line}")), "{name}: {stderr}");
+    }
+}
+
+#[test]
+fn run_with_a_missing_config_exits_64() {
+    let out = tpacctd(&["run", "--config", "/nonexistent/tpacct.yaml"]);
+    assert_eq!(out.status.code(), Some(64));
+}
+
+/// A running daemon whose stderr lines arrive on a channel.
+struct Daemon {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    fn start(args: &[&str]) -> Daemon {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tpacctd");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Daemon { child, lines }
+    }
+
+    /// The first line containing `needle`, within 20 s.
+    fn wait_for(&self, needle: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(20)) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no line with {needle:?}: {e}"),
+            }
+        }
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        self.child.wait().expect("wait")
+    }
+}
+
+#[test]
+fn run_uses_ebpf_and_removes_its_cgroup_on_sigterm() {
+    if !common::root_or_skip("run_uses_ebpf_and_removes_its_cgroup_on_sigterm") {
+        return;
+    }
+    let daemon = Daemon::start(&["run"]);
+    let line = daemon.wait_for("accounting:");
+    let cgroup = line
+        .split_once("accounting: ebpf (cgroup ")
+        .and_then(|(_, rest)| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("expected eBPF accounting, got: {line}"));
+    let cgroup = PathBuf::from(cgroup);
+    assert!(
+        cgroup.is_dir(),
+        "{} should exist while running",
+        cgroup.display()
+    );
+    daemon.wait_for("ready");
+    let status = daemon.terminate();
+    assert!(status.success(), "{status}");
+    assert!(!cgroup.exists(), "{} left behind", cgroup.display());
+}
+
+#[test]
+fn run_counts_in_userspace_when_configured() {
+    let path = config_file("user", "accounting: userspace\n");
+    let daemon = Daemon::start(&["run", "--config", path.to_str().expect("utf-8")]);
+    let line = daemon.wait_for("accounting:");
+    assert!(
+        line.contains("accounting: userspace (configured)"),
+        "{line}"
+    );
+    daemon.wait_for("ready");
+    assert!(daemon.terminate().success());
+}

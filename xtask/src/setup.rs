@@ -1,0 +1,127 @@
+//! Idempotent setup: Debian packages, rustup components, and bpf-linker built against LLVM 22.
+//! Each step checks first, so a machine that has everything passes in well under a second.
+
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::process;
+
+/// Debian packages: LLVM 22 for bpf-linker, and the tools the tests and the daemon drive.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "nftables",
+    "iproute2",
+    "iperf3",
+];
+const COMPONENTS: &[&str] = &["rust-src", "rustfmt", "clippy"];
+const LLVM: &str = "/usr/lib/llvm-22";
+/// The bpf-linker release verified with aya 0.14 and LLVM 22.
+const BPF_LINKER: &str = "0.13.0";
+
+pub fn ensure() -> Result<()> {
+    packages()?;
+    components()?;
+    bpf_linker()
+}
+
+fn packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !std::path::Path::new("/etc/debian_version").exists() || !has("apt-get") {
+        bail!(
+            "not a Debian/Ubuntu host: install by hand the equivalents of {} \
+             (LLVM 22 development libraries with Polly, nftables, iproute2, iperf3), \
+             then run this again",
+            missing.join(" ")
+        );
+    }
+    let sudo = !nix_is_root();
+    let apt = |args: &[&str]| {
+        let mut cmd = if sudo {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        } else {
+            Command::new("apt-get")
+        };
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        process::status(cmd)
+    };
+    apt(&["update", "-q"])?;
+    let mut args = vec!["install", "-y", "-q", "--no-install-recommends"];
+    args.extend(&missing);
+    apt(&args)
+}
+
+fn installed(package: &str) -> bool {
+    process::output("dpkg-query", &["-W", "-f=${Status}", package])
+        .is_some_and(|s| s.trim() == "install ok installed")
+}
+
+fn has(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn nix_is_root() -> bool {
+    // /proc/self/status "Uid: real effective saved fs"
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn components() -> Result<()> {
+    let listed = process::output("rustup", &["component", "list", "--installed"]);
+    let Some(listed) = listed else {
+        bail!("rustup not found: install Rust with rustup (the eBPF build needs rust-src)");
+    };
+    let missing: Vec<&str> = COMPONENTS
+        .iter()
+        .copied()
+        .filter(|c| {
+            !listed
+                .lines()
+                .any(|l| l == *c || l.starts_with(&format!("{c}-")))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut args = vec!["component", "add"];
+    args.extend(&missing);
+    process::run("rustup", &args)
+}
+
+fn bpf_linker() -> Result<()> {
+    if process::output("bpf-linker", &["--version"])
+        .is_some_and(|v| v.trim() == format!("bpf-linker {BPF_LINKER}"))
+    {
+        return Ok(());
+    }
+    let path = format!("{LLVM}/bin:{}", std::env::var("PATH").unwrap_or_default());
+    let mut cmd = Command::new("cargo");
+    cmd.args([
+        "install",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER,
+        "--force",
+        "--no-default-features",
+        "--features",
+        "llvm-22",
+    ])
+    .env("PATH", path)
+    .env("LLVM_SYS_221_PREFIX", LLVM);
+    process::status(cmd)
+}
