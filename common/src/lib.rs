@@ -25,7 +25,8 @@ pub const CLOSE_RING_BYTES: u32 = 1 << 20;
 pub enum Stat {
     /// A TCP socket could not be inserted because the map was full.
     TcpMapFull = 0,
-    /// A UDP socket could not be inserted because the map was full.
+    /// A UDP datagram's socket could not be inserted because the map was full (counted per
+    /// datagram: such a socket tries again with each one).
     UdpMapFull = 1,
     /// A close event was lost because the ring buffer was full.
     CloseRingFull = 2,

@@ -30,12 +30,7 @@ impl App {
     pub fn start(config: &Config) -> Result<App, Error> {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let accounting = Accounting::start(
-            config.accounting,
-            config.accounting_cgroup.clone(),
-            &cancel,
-            &tracker,
-        )?;
+        let accounting = Accounting::start(&config.accounting(), &cancel, &tracker)?;
         Ok(App {
             cancel,
             tracker,

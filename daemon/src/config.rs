@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 /// Everything the daemon reads from its config file. Every key has a default, so an empty
 /// file (or no file) is a valid configuration.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct Config {
     /// mihomo's `log-level`.
@@ -20,6 +20,65 @@ pub struct Config {
     /// The cgroup v2 directory whose sockets are accounted. Default: the daemon's own cgroup,
     /// or a child of it made for the daemon when its own cgroup is the root.
     pub accounting_cgroup: Option<PathBuf>,
+    /// Capacity of each kernel socket map (TCP and UDP): how many sockets can be counted in
+    /// the kernel at once. Sockets beyond it are counted in user space.
+    pub accounting_max_sockets: MaxSockets,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            log_level: LogLevel::default(),
+            accounting: AccountingMode::default(),
+            accounting_cgroup: None,
+            accounting_max_sockets: MaxSockets(tpacct_common::MAX_SOCKETS),
+        }
+    }
+}
+
+impl Config {
+    /// What [`crate::accounting::Accounting::start`] needs.
+    pub fn accounting(&self) -> AccountingSettings {
+        AccountingSettings {
+            mode: self.accounting,
+            cgroup: self.accounting_cgroup.clone(),
+            max_sockets: self.accounting_max_sockets.0,
+        }
+    }
+}
+
+/// The accounting part of the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountingSettings {
+    pub mode: AccountingMode,
+    pub cgroup: Option<PathBuf>,
+    pub max_sockets: u32,
+}
+
+impl AccountingSettings {
+    /// Defaults with `mode`.
+    pub fn with_mode(mode: AccountingMode) -> AccountingSettings {
+        AccountingSettings {
+            mode,
+            ..Config::default().accounting()
+        }
+    }
+}
+
+/// A map capacity: 1 ..= 16,777,216.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "u64")]
+pub struct MaxSockets(pub u32);
+
+impl TryFrom<u64> for MaxSockets {
+    type Error = String;
+
+    fn try_from(n: u64) -> Result<MaxSockets, String> {
+        match u32::try_from(n) {
+            Ok(n @ 1..=16_777_216) => Ok(MaxSockets(n)),
+            _ => Err(format!("{n} is out of range: use 1 to 16777216")),
+        }
+    }
 }
 
 /// mihomo's log levels.
@@ -199,6 +258,17 @@ mod tests {
         assert_eq!(c.log_level, LogLevel::Debug);
         assert_eq!(c.accounting, AccountingMode::Userspace);
         assert_eq!(c.accounting_cgroup, Some(PathBuf::from("/sys/fs/cgroup/x")));
+        assert_eq!(c.accounting_max_sockets.0, tpacct_common::MAX_SOCKETS);
+        let c = Config::parse("accounting-max-sockets: 8\n", "x").expect("valid config");
+        assert_eq!(c.accounting().max_sockets, 8);
+    }
+
+    #[test]
+    fn map_capacity_must_be_in_range() {
+        for bad in ["0", "99999999999", "-1", "many"] {
+            let e = invalid(&format!("accounting-max-sockets: {bad}\n"));
+            assert_eq!(e.key(), Some("accounting-max-sockets"), "{bad}: {e}");
+        }
     }
 
     #[test]

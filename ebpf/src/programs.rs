@@ -8,7 +8,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock_ops,
     },
     btf_maps::{HashMap, PerCpuArray, RingBuf},
-    helpers::{bpf_get_socket_cookie, bpf_sk_fullsock, bpf_tcp_sock},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_fullsock, bpf_tcp_sock},
     macros::{btf_map, cgroup_skb, cgroup_sock, sock_ops},
     programs::{SkBuffContext, SockContext, SockOpsContext},
 };
@@ -41,6 +41,27 @@ const TCPHDR_FIN: u32 = 0x01;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const UDP_HEADER: u32 = 8;
+
+/// Per-CPU time of the last log record of each kind, so a flood of failures logs once a second
+/// per CPU and kind.
+#[btf_map]
+static TPACCT_LAST_LOG: PerCpuArray<u64, { Stat::COUNT as usize }> = PerCpuArray::new();
+
+const LOG_INTERVAL_NS: u64 = 1_000_000_000;
+
+fn log_allowed(kind: Stat) -> bool {
+    let Some(last) = TPACCT_LAST_LOG.get_ptr_mut(kind as u32) else {
+        return false;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Per-CPU slot: no other writer on this CPU while we run.
+    let last = unsafe { &mut *last };
+    if *last != 0 && now.wrapping_sub(*last) < LOG_INTERVAL_NS {
+        return false;
+    }
+    *last = now;
+    true
+}
 
 fn bump(stat: Stat) {
     if let Some(slot) = TPACCT_STATS.get_ptr_mut(stat as u32) {
@@ -102,10 +123,9 @@ fn tcp_established(ctx: &SockOpsContext) {
         .is_err()
     {
         bump(Stat::TcpMapFull);
-        warn!(
-            ctx,
-            "tcp socket map full ({} entries): socket not accounted", MAX_SOCKETS
-        );
+        if log_allowed(Stat::TcpMapFull) {
+            warn!(ctx, "tcp socket map full: socket counted in user space");
+        }
         return;
     }
     let flags = BPF_SOCK_OPS_STATE_CB_FLAG
@@ -293,10 +313,9 @@ fn udp_count(ctx: &SkBuffContext, header: u32, ingress: bool) {
                 && TPACCT_UDP.get_ptr(cookie).is_none()
             {
                 bump(Stat::UdpMapFull);
-                warn!(
-                    ctx,
-                    "udp socket map full ({} entries): socket not accounted", MAX_SOCKETS
-                );
+                if log_allowed(Stat::UdpMapFull) {
+                    warn!(ctx, "udp socket map full: socket counted in user space");
+                }
                 return;
             }
             match TPACCT_UDP.get_ptr_mut(cookie) {

@@ -12,7 +12,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, SockOps},
 };
@@ -25,10 +25,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tpacct_common::{CLOSE_RING, CloseEvent, STATS_MAP, Stat, TCP_MAP, TcpSock, UDP_MAP, UdpSock};
 
 use super::{Counters, Error, Proto};
-use crate::cgroup::Placement;
+use crate::{cgroup::Placement, config::AccountingSettings};
 
 /// The object built from `ebpf/` by `build.rs`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tpacct"));
+
+/// How long a closed UDP socket's release event may take to reach us.
+const UDP_CLOSE_WAIT: Duration = Duration::from_millis(500);
 
 /// Kernel-side occupancy and losses.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -155,7 +158,7 @@ where
 
 impl Kernel {
     pub(super) fn start(
-        cgroup: Option<&Path>,
+        settings: &AccountingSettings,
         cancel: &CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<Kernel, Error> {
@@ -164,9 +167,12 @@ impl Kernel {
         }
         // Move in before anything opens a socket: a socket belongs to the cgroup it was
         // created in.
-        let placement = Placement::establish(cgroup)?;
+        let placement = Placement::establish(settings.cgroup.as_deref())?;
         raise_memlock();
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(TCP_MAP, settings.max_sockets)
+            .map_max_entries(UDP_MAP, settings.max_sockets)
+            .load(OBJECT)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_logger(logger, cancel, tracker),
             Err(e) => tracing::warn!("kernel log records unavailable: {e}"),
@@ -208,18 +214,27 @@ impl Kernel {
         }
     }
 
-    pub(super) fn live(&self, cookie: u64, proto: Proto) -> Counters {
+    /// Counters from the map, or the final totals if the socket has closed; None if the
+    /// kernel has nothing for it (a UDP socket before its first datagram, or a full map).
+    pub(super) fn live(&self, cookie: u64, proto: Proto) -> Option<Counters> {
         self.map_counters(cookie, proto)
             .or_else(|| self.slots.closed(cookie))
-            .unwrap_or_default()
     }
 
-    pub(super) async fn finish(&self, cookie: u64, proto: Proto, grace: Duration) -> Counters {
+    /// Waits for the close event. A UDP socket's comes from its release, inside `close()`
+    /// itself, so it only waits for this task to be scheduled; a TCP socket's comes when the
+    /// connection ends, which may take up to `grace`. Past that, the map's last values.
+    pub(super) async fn finish(
+        &self,
+        cookie: u64,
+        proto: Proto,
+        grace: Duration,
+    ) -> Option<Counters> {
         let (tx, rx) = oneshot::channel();
         match self.slots.map.entry(cookie) {
             Entry::Occupied(slot) if matches!(slot.get(), Slot::Closed(_)) => {
                 if let Slot::Closed(totals) = slot.remove() {
-                    return totals;
+                    return Some(totals);
                 }
             }
             Entry::Occupied(mut slot) => {
@@ -229,14 +244,16 @@ impl Kernel {
                 slot.insert(Slot::Waiting(tx));
             }
         }
-        if let Ok(Ok(totals)) = tokio::time::timeout(grace, rx).await {
-            return totals;
+        let wait = match proto {
+            Proto::Tcp => grace,
+            Proto::Udp => grace.min(UDP_CLOSE_WAIT),
+        };
+        if let Ok(Ok(totals)) = tokio::time::timeout(wait, rx).await {
+            return Some(totals);
         }
-        // The kernel still holds the socket (a peer that never acknowledges our FIN, say):
-        // report what it counted so far.
-        let last = self.map_counters(cookie, proto).unwrap_or_default();
+        let last = self.map_counters(cookie, proto);
         match self.slots.map.remove(&cookie) {
-            Some((_, Slot::Closed(totals))) => totals,
+            Some((_, Slot::Closed(totals))) => Some(totals),
             _ => last,
         }
     }

@@ -17,7 +17,10 @@ use std::{
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{cgroup, config::AccountingMode};
+use crate::{
+    cgroup,
+    config::{AccountingMode, AccountingSettings},
+};
 
 pub use ebpf::KernelStats;
 
@@ -142,7 +145,12 @@ impl Meter {
 pub struct Tracked {
     cookie: u64,
     proto: Proto,
+    /// Counts what the relay reports: always under user-space accounting; under eBPF for UDP
+    /// (a fallback should the kernel map be full) and for a TCP socket the kernel map had no
+    /// room for.
     meter: Meter,
+    /// Whether the kernel counts this socket.
+    in_kernel: bool,
 }
 
 impl Tracked {
@@ -156,9 +164,14 @@ impl Tracked {
         self.proto
     }
 
-    /// Where to report moved bytes (a no-op under eBPF).
+    /// Where to report moved bytes (a no-op when the kernel counts a TCP socket).
     pub fn meter(&self) -> &Meter {
         &self.meter
+    }
+
+    /// Whether the kernel programs count this socket.
+    pub fn in_kernel(&self) -> bool {
+        self.in_kernel
     }
 }
 
@@ -175,30 +188,29 @@ enum Backend {
 }
 
 impl Accounting {
-    /// Starts accounting as `mode` asks. `auto` falls back to user space with one log line
-    /// saying why; `ebpf` returns the error instead. Background tasks (close events, kernel
-    /// log records) run on `tracker` until `cancel`.
+    /// Starts accounting as `settings.mode` asks. `auto` falls back to user space with one log
+    /// line saying why; `ebpf` returns the error instead. Background tasks (close events,
+    /// kernel log records) run on `tracker` until `cancel`.
     pub fn start(
-        mode: AccountingMode,
-        cgroup: Option<PathBuf>,
+        settings: &AccountingSettings,
         cancel: &CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<Accounting, Error> {
         let userspace = Accounting {
             backend: Backend::Userspace,
         };
-        if mode == AccountingMode::Userspace {
+        if settings.mode == AccountingMode::Userspace {
             tracing::info!("accounting: userspace (configured)");
             return Ok(userspace);
         }
-        match ebpf::Kernel::start(cgroup.as_deref(), cancel, tracker) {
+        match ebpf::Kernel::start(settings, cancel, tracker) {
             Ok(kernel) => {
                 tracing::info!("accounting: ebpf (cgroup {})", kernel.cgroup().display());
                 Ok(Accounting {
                     backend: Backend::Ebpf(Arc::new(kernel)),
                 })
             }
-            Err(e) if mode == AccountingMode::Auto => {
+            Err(e) if settings.mode == AccountingMode::Auto => {
                 tracing::warn!("accounting: userspace (eBPF unavailable: {e})");
                 Ok(userspace)
             }
@@ -227,35 +239,49 @@ impl Accounting {
         let fd = socket.as_fd();
         let cookie = sys::cookie(fd)?;
         let proto = sys::proto(fd)?;
-        let meter = match &self.backend {
+        let counting = || Meter(Some(Arc::default()));
+        let (meter, in_kernel) = match &self.backend {
+            // A connected TCP socket has its kernel entry from the moment it was established;
+            // without one (the map was full) it is counted here instead.
+            Backend::Ebpf(k) if proto == Proto::Tcp && !k.holds(cookie) => (counting(), false),
             Backend::Ebpf(k) => {
                 k.watch(cookie);
-                Meter(None)
+                let meter = match proto {
+                    Proto::Tcp => Meter(None),
+                    Proto::Udp => counting(),
+                };
+                (meter, true)
             }
-            Backend::Userspace => Meter(Some(Arc::default())),
+            Backend::Userspace => (counting(), false),
         };
         Ok(Tracked {
             cookie,
             proto,
             meter,
+            in_kernel,
         })
     }
 
     /// The socket's counters now.
     pub fn live(&self, t: &Tracked) -> Counters {
         match &self.backend {
-            Backend::Ebpf(k) => k.live(t.cookie, t.proto),
-            Backend::Userspace => t.meter.read(),
+            Backend::Ebpf(k) if t.in_kernel => {
+                k.live(t.cookie, t.proto).unwrap_or_else(|| t.meter.read())
+            }
+            _ => t.meter.read(),
         }
     }
 
-    /// The socket's final totals. Under eBPF they arrive when the kernel closes the socket
-    /// (which, after `close()`, still delivers what was buffered); past `grace` the last live
-    /// values are returned instead.
+    /// The socket's final totals; call it once the socket is closed. Under eBPF they arrive
+    /// when the kernel finishes the socket (after `close()` it still delivers what was
+    /// buffered); past `grace` the last values counted are returned instead.
     pub async fn finish(&self, t: Tracked, grace: Duration) -> Counters {
         match &self.backend {
-            Backend::Ebpf(k) => k.finish(t.cookie, t.proto, grace).await,
-            Backend::Userspace => t.meter.read(),
+            Backend::Ebpf(k) if t.in_kernel => k
+                .finish(t.cookie, t.proto, grace)
+                .await
+                .unwrap_or_else(|| t.meter.read()),
+            _ => t.meter.read(),
         }
     }
 

@@ -25,7 +25,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tpacct::{
     accounting::{Accounting, Counters, Meter, Mode, Tracked},
     cgroup,
-    config::AccountingMode,
+    config::{AccountingMode, AccountingSettings},
 };
 
 /// Tests share one process, hence one cgroup membership: they take turns.
@@ -93,6 +93,19 @@ where
     F: FnOnce(Accounting) -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
 {
+    let wanted = match mode {
+        Mode::Ebpf => AccountingMode::Ebpf,
+        Mode::Userspace => AccountingMode::Userspace,
+    };
+    with_settings(test, AccountingSettings::with_mode(wanted), body);
+}
+
+/// [`with_accounting`] with explicit settings (the cgroup is always the test's own).
+pub fn with_settings<F, Fut>(test: &str, mut settings: AccountingSettings, body: F)
+where
+    F: FnOnce(Accounting) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
     if !root_or_skip(test) {
         return;
     }
@@ -100,7 +113,7 @@ where
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let ns = Netns::new("t");
-    let cgroup = test_cgroup(test);
+    settings.cgroup = Some(test_cgroup(test));
     let result = std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -112,12 +125,12 @@ where
                 rt.block_on(async {
                     let cancel = CancellationToken::new();
                     let tracker = TaskTracker::new();
-                    let wanted = match mode {
-                        Mode::Ebpf => AccountingMode::Ebpf,
-                        Mode::Userspace => AccountingMode::Userspace,
+                    let accounting =
+                        Accounting::start(&settings, &cancel, &tracker).expect("start accounting");
+                    let mode = match settings.mode {
+                        AccountingMode::Userspace => Mode::Userspace,
+                        _ => Mode::Ebpf,
                     };
-                    let accounting = Accounting::start(wanted, Some(cgroup), &cancel, &tracker)
-                        .expect("start accounting");
                     assert_eq!(accounting.mode(), mode);
                     body(accounting).await;
                     cancel.cancel();
