@@ -5,12 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{GRACE, counters, recv_to_eof, send};
+use common::{Pair, one_way};
 use futures_util::{StreamExt, stream};
-use tokio::{
-    io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::{TcpListener, TcpStream};
 use tpacct::accounting::{Accounting, Mode};
 
 const CONNECTIONS: usize = 20_000;
@@ -28,7 +25,14 @@ async fn churn(acc: Accounting) {
             let target = guard.local_addr().expect("addr");
             let (client, accepted) = tokio::join!(TcpStream::connect(target), guard.accept());
             drop(guard);
-            pair_totals(&acc, client.expect("connect"), accepted.expect("accept").0).await
+            let (client, server) = (client.expect("connect"), accepted.expect("accept").0);
+            let pair = Pair {
+                client_t: acc.track(&client).expect("track"),
+                server_t: acc.track(&server).expect("track"),
+                client,
+                server,
+            };
+            one_way(&acc, pair, REQUEST, true).await
         })
         .buffer_unordered(CONCURRENCY)
         .collect()
@@ -49,36 +53,4 @@ async fn churn(acc: Accounting) {
     }
 }
 
-/// One connection: the client sends REQUEST bytes and half-closes; the server reads them and
-/// closes. Both ends' totals are checked; their cookies returned.
-async fn pair_totals(acc: &Accounting, mut client: TcpStream, mut server: TcpStream) -> [u64; 2] {
-    let (ct, st) = (
-        acc.track(&client).expect("track"),
-        acc.track(&server).expect("track"),
-    );
-    let (cm, sm) = (ct.meter().clone(), st.meter().clone());
-    tokio::join!(
-        async move {
-            send(&mut client, REQUEST, &cm).await;
-            client.shutdown().await.expect("shutdown");
-            assert_eq!(recv_to_eof(&mut client, &cm).await, 0);
-        },
-        async move {
-            assert_eq!(recv_to_eof(&mut server, &sm).await, REQUEST);
-        }
-    );
-    let cookies = [ct.cookie(), st.cookie()];
-    let (c, s) = tokio::join!(acc.finish(ct, GRACE), acc.finish(st, GRACE));
-    assert_eq!((c, s), (counters(0, REQUEST), counters(REQUEST, 0)));
-    cookies
-}
-
-#[test]
-fn churn_leaves_no_entries_ebpf() {
-    common::with_accounting("churn_ebpf", Mode::Ebpf, churn);
-}
-
-#[test]
-fn churn_userspace() {
-    common::with_accounting("churn_user", Mode::Userspace, churn);
-}
+both_modes!(churn);

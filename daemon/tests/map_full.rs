@@ -8,9 +8,9 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use common::{GRACE, Pair, counters, recv_to_eof, send, tcp_pair};
+use common::{GRACE, counters, one_way, tcp_pair};
 use futures_util::future::join_all;
-use tokio::{io::AsyncWriteExt, net::UdpSocket};
+use tokio::net::UdpSocket;
 use tpacct::{
     accounting::Accounting,
     config::{AccountingMode, AccountingSettings},
@@ -57,30 +57,9 @@ async fn overflow(acc: Accounting) {
         .count();
     assert_eq!(in_kernel, CAPACITY as usize);
 
-    let transfers = pairs.into_iter().map(|pair| {
-        let acc = acc.clone();
-        async move {
-            let Pair {
-                mut client,
-                mut server,
-                client_t,
-                server_t,
-            } = pair;
-            let (cm, sm) = (client_t.meter().clone(), server_t.meter().clone());
-            tokio::join!(
-                async move {
-                    send(&mut client, BYTES, &cm).await;
-                    client.shutdown().await.expect("shutdown");
-                    assert_eq!(recv_to_eof(&mut client, &cm).await, 0);
-                },
-                async move {
-                    assert_eq!(recv_to_eof(&mut server, &sm).await, BYTES);
-                }
-            );
-            let (c, s) = tokio::join!(acc.finish(client_t, GRACE), acc.finish(server_t, GRACE));
-            assert_eq!((c, s), (counters(0, BYTES), counters(BYTES, 0)));
-        }
-    });
+    let transfers = pairs
+        .into_iter()
+        .map(|pair| one_way(&acc, pair, BYTES, true));
     join_all(transfers).await;
 
     // UDP: 12 sockets each send one datagram to a sink while all are open; the sink takes one

@@ -12,7 +12,7 @@ use std::{
 
 use common::{GRACE, Pair, counters, pattern, tcp_pair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tpacct::accounting::{Accounting, Mode};
+use tpacct::accounting::Accounting;
 
 const STREAM: Duration = Duration::from_secs(10);
 const MAX_LAG: Duration = Duration::from_secs(1);
@@ -100,28 +100,13 @@ async fn stream_one_way(acc: Accounting, upload: bool) {
     assert_eq!(rx_final, counters(sent, 0));
 }
 
-#[test]
-fn live_upload_ebpf() {
-    common::with_accounting("live_up_ebpf", Mode::Ebpf, |acc| stream_one_way(acc, true));
+async fn live_upload(acc: Accounting) {
+    stream_one_way(acc, true).await;
 }
 
-#[test]
-fn live_download_ebpf() {
-    common::with_accounting("live_down_ebpf", Mode::Ebpf, |acc| {
-        stream_one_way(acc, false)
-    });
+async fn live_download(acc: Accounting) {
+    stream_one_way(acc, false).await;
 }
 
-#[test]
-fn live_upload_userspace() {
-    common::with_accounting("live_up_user", Mode::Userspace, |acc| {
-        stream_one_way(acc, true)
-    });
-}
-
-#[test]
-fn live_download_userspace() {
-    common::with_accounting("live_down_user", Mode::Userspace, |acc| {
-        stream_one_way(acc, false)
-    });
-}
+both_modes!(live_upload);
+both_modes!(live_download);

@@ -3,56 +3,23 @@
 
 mod common;
 
-use common::{GRACE, Pair, abort, counters, quickack, recv_to_eof, recv_up_to, send, tcp_pair};
+use common::{
+    GRACE, Pair, abort, counters, one_way, quickack, recv_to_eof, recv_up_to, send, tcp_pair,
+};
 use tokio::io::AsyncWriteExt;
-use tpacct::accounting::{Accounting, Mode};
+use tpacct::accounting::Accounting;
 
 const SIZES: [u64; 5] = [0, 1, 64 * 1024, 1 << 20, 100 << 20];
 
-/// `n` bytes one way, then an orderly close from both ends; checks both ends' finals.
-async fn one_way(acc: &Accounting, addr: &str, n: u64, upload: bool) {
-    let Pair {
-        client,
-        server,
-        client_t,
-        server_t,
-    } = tcp_pair(acc, addr).await;
-    let (mut tx_s, tx_t, mut rx_s, rx_t) = if upload {
-        (client, client_t, server, server_t)
-    } else {
-        (server, server_t, client, client_t)
-    };
-    let (tx_m, rx_m) = (tx_t.meter().clone(), rx_t.meter().clone());
-    let sender = async move {
-        send(&mut tx_s, n, &tx_m).await;
-        tx_s.shutdown().await.expect("shutdown");
-        assert_eq!(recv_to_eof(&mut tx_s, &tx_m).await, 0);
-    };
-    let receiver = async move {
-        assert_eq!(recv_to_eof(&mut rx_s, &rx_m).await, n);
-    };
-    tokio::join!(sender, receiver);
-    let (tx_final, rx_final) = tokio::join!(acc.finish(tx_t, GRACE), acc.finish(rx_t, GRACE));
-    let dir = if upload { "upload" } else { "download" };
-    assert_eq!(
-        tx_final,
-        counters(0, n),
-        "sender of {n} B {dir} over {addr}"
-    );
-    assert_eq!(
-        rx_final,
-        counters(n, 0),
-        "receiver of {n} B {dir} over {addr}"
-    );
-}
-
 async fn sizes_both_ways(acc: Accounting) {
     for n in SIZES {
-        one_way(&acc, "127.0.0.1", n, true).await;
-        one_way(&acc, "127.0.0.1", n, false).await;
+        for upload in [true, false] {
+            one_way(&acc, tcp_pair(&acc, "127.0.0.1").await, n, upload).await;
+        }
     }
-    one_way(&acc, "::1", 1 << 20, true).await;
-    one_way(&acc, "::1", 1 << 20, false).await;
+    for upload in [true, false] {
+        one_way(&acc, tcp_pair(&acc, "::1").await, 1 << 20, upload).await;
+    }
 }
 
 /// The client sends a request and shuts its write side; the server reads to EOF, then replies
@@ -112,32 +79,6 @@ async fn reset(acc: Accounting) {
     assert_eq!(s, counters(n, 1), "server (reset receiver)");
 }
 
-#[test]
-fn sizes_both_ways_ebpf() {
-    common::with_accounting("sizes_ebpf", Mode::Ebpf, sizes_both_ways);
-}
-
-#[test]
-fn sizes_both_ways_userspace() {
-    common::with_accounting("sizes_user", Mode::Userspace, sizes_both_ways);
-}
-
-#[test]
-fn half_close_ebpf() {
-    common::with_accounting("half_ebpf", Mode::Ebpf, half_close);
-}
-
-#[test]
-fn half_close_userspace() {
-    common::with_accounting("half_user", Mode::Userspace, half_close);
-}
-
-#[test]
-fn reset_ebpf() {
-    common::with_accounting("reset_ebpf", Mode::Ebpf, reset);
-}
-
-#[test]
-fn reset_userspace() {
-    common::with_accounting("reset_user", Mode::Userspace, reset);
-}
+both_modes!(sizes_both_ways);
+both_modes!(half_close);
+both_modes!(reset);

@@ -5,11 +5,30 @@ mod common;
 
 use common::{GRACE, counters};
 use tokio::net::UdpSocket;
-use tpacct::accounting::{Accounting, Mode};
+use tpacct::accounting::{Accounting, Tracked};
 
 /// Sizes sent by the client, then by the server (0-byte datagrams included).
 const UP: [usize; 7] = [0, 1, 100, 512, 1400, 9000, 65_000];
 const DOWN: [usize; 5] = [1, 3, 1200, 30_000, 0];
+
+/// Sends one datagram of each size from `from` to `to`, checking each arrives whole.
+async fn datagrams(
+    from: &UdpSocket,
+    from_t: &Tracked,
+    to: &UdpSocket,
+    to_t: &Tracked,
+    sizes: &[usize],
+) {
+    let mut buf = vec![0u8; 70_000];
+    for (i, &size) in sizes.iter().enumerate() {
+        let payload = vec![i as u8; size];
+        assert_eq!(from.send(&payload).await.expect("send"), size);
+        from_t.meter().add_tx(size as u64);
+        let got = to.recv(&mut buf).await.expect("recv");
+        assert_eq!(got, size);
+        to_t.meter().add_rx(got as u64);
+    }
+}
 
 async fn exchange(acc: Accounting, addr: &str) {
     let server = UdpSocket::bind((addr, 0)).await.expect("bind server");
@@ -24,24 +43,9 @@ async fn exchange(acc: Accounting, addr: &str) {
         .expect("connect server");
     let client_t = acc.track(&client).expect("track client");
     let server_t = acc.track(&server).expect("track server");
-    let mut buf = vec![0u8; 70_000];
 
-    for (i, &size) in UP.iter().enumerate() {
-        let payload = vec![i as u8; size];
-        assert_eq!(client.send(&payload).await.expect("send"), size);
-        client_t.meter().add_tx(size as u64);
-        let got = server.recv(&mut buf).await.expect("recv");
-        assert_eq!(got, size);
-        server_t.meter().add_rx(got as u64);
-    }
-    for (i, &size) in DOWN.iter().enumerate() {
-        let payload = vec![i as u8; size];
-        assert_eq!(server.send(&payload).await.expect("send"), size);
-        server_t.meter().add_tx(size as u64);
-        let got = client.recv(&mut buf).await.expect("recv");
-        assert_eq!(got, size);
-        client_t.meter().add_rx(got as u64);
-    }
+    datagrams(&client, &client_t, &server, &server_t, &UP).await;
+    datagrams(&server, &server_t, &client, &client_t, &DOWN).await;
     let (up, down) = (
         UP.iter().sum::<usize>() as u64,
         DOWN.iter().sum::<usize>() as u64,
@@ -71,12 +75,4 @@ async fn both_families(acc: Accounting) {
     exchange(acc, "::1").await;
 }
 
-#[test]
-fn udp_exact_ebpf() {
-    common::with_accounting("udp_ebpf", Mode::Ebpf, both_families);
-}
-
-#[test]
-fn udp_exact_userspace() {
-    common::with_accounting("udp_user", Mode::Userspace, both_families);
-}
+both_modes!(both_families);

@@ -219,20 +219,28 @@ pub async fn recv_up_to(stream: &mut TcpStream, n: u64, meter: &Meter) -> u64 {
     got
 }
 
-/// Turns on TCP_QUICKACK so the next segments are acknowledged at once.
-pub fn quickack(stream: &TcpStream) {
-    let one: libc::c_int = 1;
-    // SAFETY: valid fd and option value.
+fn set_option<T>(stream: &TcpStream, level: libc::c_int, name: libc::c_int, value: &T) {
+    // SAFETY: valid fd; `value` is the option's C type and outlives the call.
     let rc = unsafe {
         libc::setsockopt(
             stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_QUICKACK,
-            (&raw const one).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
+            level,
+            name,
+            std::ptr::from_ref(value).cast(),
+            size_of::<T>() as libc::socklen_t,
         )
     };
-    assert_eq!(rc, 0, "TCP_QUICKACK");
+    assert_eq!(rc, 0, "setsockopt({level}, {name})");
+}
+
+/// Turns on TCP_QUICKACK so the next segments are acknowledged at once.
+pub fn quickack(stream: &TcpStream) {
+    set_option(
+        stream,
+        libc::IPPROTO_TCP,
+        libc::TCP_QUICKACK,
+        &1 as &libc::c_int,
+    );
 }
 
 /// Closes `stream` with a reset (SO_LINGER 0).
@@ -241,18 +249,68 @@ pub fn abort(stream: TcpStream) {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: valid fd and option value.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER");
+    set_option(&stream, libc::SOL_SOCKET, libc::SO_LINGER, &linger);
     drop(stream);
+}
+
+/// Moves `n` bytes one way over `pair` (client to server when `upload`), closes in order from
+/// both ends, and checks both ends' final totals. Returns the two cookies.
+pub async fn one_way(acc: &Accounting, pair: Pair, n: u64, upload: bool) -> [u64; 2] {
+    let Pair {
+        client,
+        server,
+        client_t,
+        server_t,
+    } = pair;
+    let (mut tx_s, tx_t, mut rx_s, rx_t) = if upload {
+        (client, client_t, server, server_t)
+    } else {
+        (server, server_t, client, client_t)
+    };
+    let (tx_m, rx_m) = (tx_t.meter().clone(), rx_t.meter().clone());
+    tokio::join!(
+        async move {
+            send(&mut tx_s, n, &tx_m).await;
+            tx_s.shutdown().await.expect("shutdown");
+            assert_eq!(recv_to_eof(&mut tx_s, &tx_m).await, 0);
+        },
+        async move {
+            assert_eq!(recv_to_eof(&mut rx_s, &rx_m).await, n);
+        }
+    );
+    let cookies = [tx_t.cookie(), rx_t.cookie()];
+    let (tx_final, rx_final) = tokio::join!(acc.finish(tx_t, GRACE), acc.finish(rx_t, GRACE));
+    let dir = if upload { "upload" } else { "download" };
+    assert_eq!(tx_final, counters(0, n), "sender of {n} B {dir}");
+    assert_eq!(rx_final, counters(n, 0), "receiver of {n} B {dir}");
+    cookies
+}
+
+/// Declares `mod $scenario { fn ebpf(); fn userspace(); }`: the async fn `$scenario(Accounting)`
+/// run under each accounting backend, with the same assertions.
+#[macro_export]
+macro_rules! both_modes {
+    ($scenario:ident) => {
+        mod $scenario {
+            #[test]
+            fn ebpf() {
+                $crate::common::with_accounting(
+                    concat!(stringify!($scenario), "-ebpf"),
+                    tpacct::accounting::Mode::Ebpf,
+                    super::$scenario,
+                );
+            }
+
+            #[test]
+            fn userspace() {
+                $crate::common::with_accounting(
+                    concat!(stringify!($scenario), "-userspace"),
+                    tpacct::accounting::Mode::Userspace,
+                    super::$scenario,
+                );
+            }
+        }
+    };
 }
 
 pub fn counters(rx: u64, tx: u64) -> Counters {
