@@ -1,13 +1,14 @@
 //! Wiring and lifetime: builds every part from the [`Config`], runs until told to stop, then
-//! cancels every task and waits (bounded) for them to drain.
+//! stops in order — inbound and flows first (final totals still arriving), then accounting —
+//! each bounded in time, and removes what it installed in the kernel.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{accounting::Accounting, config::Config};
+use crate::{accounting::Accounting, config::Config, firewall, inbound, registry::Registry};
 
-/// How long shutdown waits for tasks to finish.
+/// How long each shutdown stage waits for its tasks.
 const DRAIN: Duration = Duration::from_secs(5);
 
 /// Errors that stop the daemon.
@@ -15,45 +16,97 @@ const DRAIN: Duration = Duration::from_secs(5);
 pub enum Error {
     #[error("accounting: {0}")]
     Accounting(#[from] crate::accounting::Error),
+    #[error(transparent)]
+    Inbound(#[from] inbound::Error),
+    #[error(transparent)]
+    Firewall(#[from] firewall::Error),
 }
 
-/// The running daemon's parts.
-#[derive(Debug)]
-pub struct App {
+/// A group of tasks stopped together.
+#[derive(Debug, Default)]
+struct Stage {
     cancel: CancellationToken,
     tracker: TaskTracker,
-    accounting: Accounting,
 }
 
-impl App {
-    /// Builds and starts every part.
-    pub fn start(config: &Config) -> Result<App, Error> {
-        let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let accounting = Accounting::start(&config.accounting(), &cancel, &tracker)?;
-        Ok(App {
-            cancel,
-            tracker,
-            accounting,
-        })
-    }
-
-    /// The accounting front.
-    pub fn accounting(&self) -> &Accounting {
-        &self.accounting
-    }
-
-    /// Stops every task and waits up to [`DRAIN`] for them; kernel programs are detached and
-    /// the accounting cgroup removed when `self` drops here.
-    pub async fn shutdown(self) {
+impl Stage {
+    async fn stop(&self, name: &str) {
         self.cancel.cancel();
         self.tracker.close();
         if tokio::time::timeout(DRAIN, self.tracker.wait())
             .await
             .is_err()
         {
-            tracing::warn!("tasks still running after {DRAIN:?}; exiting anyway");
+            tracing::warn!("{name}: tasks still running after {DRAIN:?}; going on");
         }
+    }
+}
+
+/// The running daemon's parts.
+#[derive(Debug)]
+pub struct App {
+    core: Stage,
+    flows: Stage,
+    registry: Arc<Registry>,
+    listening: Vec<SocketAddr>,
+    firewall: Option<firewall::Installed>,
+}
+
+impl App {
+    /// Builds and starts every part. Must run inside a tokio runtime.
+    pub fn start(config: &Config) -> Result<App, Error> {
+        let core = Stage::default();
+        let flows = Stage::default();
+        // First: accounting moves the process into its cgroup before any socket exists.
+        let accounting = Accounting::start(&config.accounting(), &core.cancel, &core.tracker)?;
+        let registry = Arc::new(Registry::new(accounting, config.closed_connections));
+        let listening = inbound::start(config, registry.clone(), &flows.cancel, &flows.tracker)?;
+        let firewall = match &config.tproxy_firewall {
+            Some(fw) => match firewall::install(fw, config.tproxy_port, config.routing_mark) {
+                Ok(installed) => Some(installed),
+                Err(e) => {
+                    flows.cancel.cancel();
+                    core.cancel.cancel();
+                    return Err(e.into());
+                }
+            },
+            None => None,
+        };
+        Ok(App {
+            core,
+            flows,
+            registry,
+            listening,
+            firewall,
+        })
+    }
+
+    /// The flow registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The accounting front.
+    pub fn accounting(&self) -> &Accounting {
+        self.registry.accounting()
+    }
+
+    /// Addresses the TPROXY inbound listens on.
+    pub fn listening(&self) -> &[SocketAddr] {
+        &self.listening
+    }
+
+    /// Stops taking traffic, closes every flow and waits for their final totals, stops the
+    /// accounting, and removes the firewall rules; programs are detached and the accounting
+    /// cgroup removed when `self` drops here.
+    pub async fn shutdown(self) {
+        if let Some(fw) = self.firewall {
+            fw.remove();
+        }
+        self.flows.cancel.cancel();
+        self.registry.close_all();
+        self.flows.stop("flows").await;
+        self.core.stop("accounting").await;
     }
 }
 

@@ -1,10 +1,18 @@
 //! tpacct: a transparent proxy daemon that accounts for every byte it relays.
 //!
-//! Modules in data-flow order: [`config`] → [`accounting`] (with [`cgroup`]) → [`app`], which
-//! wires them together. See `ARCHITECTURE.md` for the whole map.
+//! Modules in data-flow order: [`config`] → [`inbound`] → [`sniff`] → [`route`] →
+//! [`outbound`] → [`relay`] → [`accounting`] (with [`cgroup`]) → [`registry`]; [`firewall`]
+//! steers traffic in, and [`app`] wires it all together. See `ARCHITECTURE.md`.
 
 pub mod accounting;
 pub mod app;
 pub mod cgroup;
 pub mod config;
+pub mod firewall;
+pub mod inbound;
 pub mod logging;
+pub mod outbound;
+pub mod registry;
+pub mod relay;
+pub mod route;
+pub mod sniff;

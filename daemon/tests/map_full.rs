@@ -79,7 +79,7 @@ async fn overflow(acc: Accounting) {
     let mut finals = Vec::new();
     for (s, t, sent) in senders {
         drop(s);
-        finals.push((acc.finish(t, GRACE).await, sent));
+        finals.push((acc.finish(&t, GRACE).await, sent));
     }
     for (total, sent) in finals {
         assert_eq!(total, counters(0, sent));

@@ -95,7 +95,7 @@ async fn stream_one_way(acc: Accounting, upload: bool) {
         (tx_t, rx_t)
     };
     let (sent, (), (tx_t, rx_t)) = tokio::join!(sender, receiver, sampler);
-    let (tx_final, rx_final) = tokio::join!(acc.finish(tx_t, GRACE), acc.finish(rx_t, GRACE));
+    let (tx_final, rx_final) = tokio::join!(acc.finish(&tx_t, GRACE), acc.finish(&rx_t, GRACE));
     assert_eq!(tx_final, counters(0, sent));
     assert_eq!(rx_final, counters(sent, 0));
 }

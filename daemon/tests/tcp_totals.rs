@@ -43,7 +43,7 @@ async fn half_close(acc: Accounting) {
         send(&mut server, reply, &sm).await;
     };
     tokio::join!(client_side, server_side);
-    let (c, s) = tokio::join!(acc.finish(client_t, GRACE), acc.finish(server_t, GRACE));
+    let (c, s) = tokio::join!(acc.finish(&client_t, GRACE), acc.finish(&server_t, GRACE));
     assert_eq!(c, counters(reply, request), "client");
     assert_eq!(s, counters(request, reply), "server");
 }
@@ -74,7 +74,7 @@ async fn reset(acc: Accounting) {
         let _ = tokio::io::AsyncReadExt::read(&mut server, &mut byte).await;
     };
     tokio::join!(client_side, server_side);
-    let (c, s) = tokio::join!(acc.finish(client_t, GRACE), acc.finish(server_t, GRACE));
+    let (c, s) = tokio::join!(acc.finish(&client_t, GRACE), acc.finish(&server_t, GRACE));
     assert_eq!(c, counters(1, n), "client (reset sender)");
     assert_eq!(s, counters(n, 1), "server (reset receiver)");
 }

@@ -64,7 +64,7 @@ async fn exchange(acc: Accounting, addr: &str) {
 
     let (client_cookie, server_cookie) = (client_t.cookie(), server_t.cookie());
     drop((client, server));
-    let (c, s) = tokio::join!(acc.finish(client_t, GRACE), acc.finish(server_t, GRACE));
+    let (c, s) = tokio::join!(acc.finish(&client_t, GRACE), acc.finish(&server_t, GRACE));
     assert_eq!(c, counters(down, up), "client final over {addr}");
     assert_eq!(s, counters(up, down), "server final over {addr}");
     assert!(!acc.kernel_holds(client_cookie) && !acc.kernel_holds(server_cookie));

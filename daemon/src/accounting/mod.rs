@@ -275,7 +275,7 @@ impl Accounting {
     /// The socket's final totals; call it once the socket is closed. Under eBPF they arrive
     /// when the kernel finishes the socket (after `close()` it still delivers what was
     /// buffered); past `grace` the last values counted are returned instead.
-    pub async fn finish(&self, t: Tracked, grace: Duration) -> Counters {
+    pub async fn finish(&self, t: &Tracked, grace: Duration) -> Counters {
         match &self.backend {
             Backend::Ebpf(k) if t.in_kernel => k
                 .finish(t.cookie, t.proto, grace)

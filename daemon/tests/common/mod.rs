@@ -5,6 +5,8 @@
     reason = "each test binary uses a different part of the harness"
 )]
 
+pub mod topo;
+
 use std::{
     future::Future,
     os::fd::{AsFd, AsRawFd},
@@ -30,6 +32,13 @@ use tpacct::{
 
 /// Tests share one process, hence one cgroup membership: they take turns.
 static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Takes this test's turn (tests in one binary share the process's cgroup membership).
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// How long `finish` may wait for the kernel's close event in tests.
@@ -145,7 +154,7 @@ where
     }
 }
 
-fn test_cgroup(test: &str) -> PathBuf {
+pub fn test_cgroup(test: &str) -> PathBuf {
     cgroup::own()
         .expect("own cgroup")
         .join(format!("tpacct-test-{}-{test}", std::process::id()))
@@ -279,7 +288,7 @@ pub async fn one_way(acc: &Accounting, pair: Pair, n: u64, upload: bool) -> [u64
         }
     );
     let cookies = [tx_t.cookie(), rx_t.cookie()];
-    let (tx_final, rx_final) = tokio::join!(acc.finish(tx_t, GRACE), acc.finish(rx_t, GRACE));
+    let (tx_final, rx_final) = tokio::join!(acc.finish(&tx_t, GRACE), acc.finish(&rx_t, GRACE));
     let dir = if upload { "upload" } else { "download" };
     assert_eq!(tx_final, counters(0, n), "sender of {n} B {dir}");
     assert_eq!(rx_final, counters(n, 0), "receiver of {n} B {dir}");

@@ -1,12 +1,20 @@
 //! YAML → typed [`Config`]. Keys shared with mihomo keep mihomo's names and meanings; unknown
 //! keys and bad values are an [`Error`] naming the key and its line (the binary exits 64).
 
+mod firewall;
+mod sniffer;
+
 use std::{
     fmt,
+    net::IpAddr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use serde::Deserialize;
+
+pub use firewall::FirewallConfig;
+pub use sniffer::{PortRange, SniffConfig};
 
 /// Everything the daemon reads from its config file. Every key has a default, so an empty
 /// file (or no file) is a valid configuration.
@@ -23,6 +31,65 @@ pub struct Config {
     /// Capacity of each kernel socket map (TCP and UDP): how many sockets can be counted in
     /// the kernel at once. Sockets beyond it are counted in user space.
     pub accounting_max_sockets: MaxSockets,
+    /// mihomo's `tproxy-port`: TCP and UDP TPROXY listener port; 0 turns it off.
+    pub tproxy_port: u16,
+    /// mihomo's `bind-address`: `*` (all addresses, IPv4 and IPv6) or one address.
+    pub bind_address: BindAddress,
+    /// mihomo's `routing-mark`: SO_MARK on every outbound socket (0: none), so captured
+    /// traffic never loops back into the proxy.
+    pub routing_mark: u32,
+    /// mihomo's `interface-name`: bind outbound sockets to this device (SO_BINDTODEVICE).
+    pub interface_name: Option<String>,
+    /// Concurrent TCP connections accepted by the TPROXY inbound; more wait in the backlog.
+    pub max_connections: u32,
+    /// Seconds an outbound TCP connect may take.
+    pub connect_timeout: Seconds,
+    /// Seconds a relayed TCP connection may stay idle in both directions (0: forever).
+    pub tcp_idle_timeout: Seconds,
+    /// Seconds a UDP session may stay idle before it is closed.
+    pub udp_idle_timeout: Seconds,
+    /// How many closed flows are kept for the API.
+    pub closed_connections: usize,
+    /// mihomo's `sniffer`.
+    pub sniffer: SniffConfig,
+    /// Firewall rules tpacct installs and removes itself (off unless given).
+    pub tproxy_firewall: Option<FirewallConfig>,
+}
+
+/// Whole seconds, as config files give timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Seconds(pub u64);
+
+impl Seconds {
+    /// As a duration; `None` for 0 where 0 means "never".
+    pub fn or_never(self) -> Option<Duration> {
+        (self.0 > 0).then(|| Duration::from_secs(self.0))
+    }
+
+    pub fn duration(self) -> Duration {
+        Duration::from_secs(self.0)
+    }
+}
+
+/// `*` or one IP address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BindAddress {
+    #[default]
+    Any,
+    One(IpAddr),
+}
+
+impl<'de> Deserialize<'de> for BindAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.trim() {
+            "*" | "" => Ok(BindAddress::Any),
+            ip => ip.parse().map(BindAddress::One).map_err(|_| {
+                serde::de::Error::custom(format!("`{ip}` is neither `*` nor an IP address"))
+            }),
+        }
+    }
 }
 
 impl Default for Config {
@@ -32,6 +99,17 @@ impl Default for Config {
             accounting: AccountingMode::default(),
             accounting_cgroup: None,
             accounting_max_sockets: MaxSockets(tpacct_common::MAX_SOCKETS),
+            tproxy_port: 7893,
+            bind_address: BindAddress::Any,
+            routing_mark: 0,
+            interface_name: None,
+            max_connections: 16_384,
+            connect_timeout: Seconds(5),
+            tcp_idle_timeout: Seconds(3600),
+            udp_idle_timeout: Seconds(60),
+            closed_connections: 1000,
+            sniffer: SniffConfig::default(),
+            tproxy_firewall: None,
         }
     }
 }
@@ -188,7 +266,7 @@ impl Config {
             return Ok(Config::default());
         }
         let de = serde_yaml_ng::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(de).map_err(|err| {
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|err| {
             let path = err.path().to_string();
             let inner = err.into_inner();
             let message = strip_location(&inner.to_string());
@@ -203,8 +281,54 @@ impl Config {
                 line: inner.location().map(|l| l.line()),
                 message,
             }
-        })
+        })?;
+        config.validate(text, file)?;
+        Ok(config)
     }
+
+    /// Rules that span keys.
+    fn validate(&self, text: &str, file: &str) -> Result<(), Error> {
+        let invalid = |key: &str, message: String| Error::Invalid {
+            file: file.to_owned(),
+            key: Some(key.to_owned()),
+            line: line_of(text, key),
+            message,
+        };
+        if let Some(fw) = &self.tproxy_firewall {
+            if self.tproxy_port == 0 {
+                return Err(invalid(
+                    "tproxy-firewall",
+                    "needs `tproxy-port` set: the rules send traffic to it".into(),
+                ));
+            }
+            if fw.local && self.routing_mark == 0 {
+                return Err(invalid(
+                    "tproxy-firewall.local",
+                    "capturing this host's own traffic needs a `routing-mark` so the proxy's \
+                     own connections are not captured again"
+                        .into(),
+                ));
+            }
+            if fw.fwmark == self.routing_mark {
+                return Err(invalid(
+                    "tproxy-firewall.fwmark",
+                    "must differ from `routing-mark`".into(),
+                ));
+            }
+        }
+        if self.closed_connections == 0 {
+            return Err(invalid("closed-connections", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// The 1-based line where top-level `key` (first segment of a dotted key) is written.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let top = key.split('.').next()?;
+    text.lines()
+        .position(|l| l.starts_with(&format!("{top}:")))
+        .map(|i| i + 1)
 }
 
 /// serde_yaml appends " at line L column C"; the line is reported separately.
@@ -287,6 +411,33 @@ mod tests {
         let e = invalid("log-level: loud\n");
         assert_eq!(e.key(), Some("log-level"));
         assert_eq!(e.line(), Some(1));
+    }
+
+    #[test]
+    fn reads_data_path_keys() {
+        let c = Config::parse(
+            "tproxy-port: 7894\nbind-address: '::1'\nrouting-mark: 6666\n\
+             interface-name: eth0\nudp-idle-timeout: 5\nclosed-connections: 10\n\
+             tproxy-firewall:\n  interfaces: [lan0]\n  bypass: [192.168.0.0/16]\n",
+            "x",
+        )
+        .expect("valid config");
+        assert_eq!(c.tproxy_port, 7894);
+        assert_eq!(c.bind_address, BindAddress::One("::1".parse().expect("ip")));
+        assert_eq!(c.routing_mark, 6666);
+        assert_eq!(c.interface_name.as_deref(), Some("eth0"));
+        assert_eq!(c.udp_idle_timeout, Seconds(5));
+        let fw = c.tproxy_firewall.expect("firewall");
+        assert_eq!(fw.interfaces, ["lan0"]);
+    }
+
+    #[test]
+    fn cross_key_rules_name_the_key() {
+        let e = invalid("routing-mark: 0\ntproxy-firewall:\n  local: true\n");
+        assert_eq!(e.key(), Some("tproxy-firewall.local"));
+        assert_eq!(e.line(), Some(2));
+        let e = invalid("bind-address: nowhere\n");
+        assert_eq!(e.key(), Some("bind-address"));
     }
 
     #[test]

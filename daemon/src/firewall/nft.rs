@@ -1,0 +1,123 @@
+//! The nftables ruleset, as text for `nft -f -` (applied atomically).
+
+use std::fmt::Write;
+
+use ipnet::IpNet;
+
+use crate::config::FirewallConfig;
+
+/// The table for `config`: LAN traffic (and, with `local`, this host's own) to TCP or UDP
+/// destinations that are not this host, not broadcast/multicast and not bypassed goes to the
+/// TPROXY listener on `port`, marked `fwmark` for the local routing table. Packets carrying
+/// `routing_mark` (the proxy's own) are left alone.
+pub fn ruleset(config: &FirewallConfig, port: u16, routing_mark: u32) -> String {
+    let mut out = String::new();
+    let table = &config.nft_table;
+    let fwmark = config.fwmark;
+    let (v4, v6): (Vec<&IpNet>, Vec<&IpNet>) = config
+        .bypass
+        .iter()
+        .partition(|n| matches!(n, IpNet::V4(_)));
+    let mut interfaces: Vec<String> = config.interfaces.iter().map(|i| format!("{i:?}")).collect();
+    if config.local {
+        interfaces.push("\"lo\"".to_owned());
+    }
+    let _ = writeln!(out, "table inet {table} {{");
+    for (name, kind, nets) in [("bypass4", "ipv4_addr", &v4), ("bypass6", "ipv6_addr", &v6)] {
+        let _ = writeln!(out, "  set {name} {{\n    type {kind}; flags interval;");
+        if !nets.is_empty() {
+            let list: Vec<String> = nets.iter().map(|n| n.to_string()).collect();
+            let _ = writeln!(out, "    elements = {{ {} }}", list.join(", "));
+        }
+        let _ = writeln!(out, "  }}");
+    }
+    let skip = |out: &mut String| {
+        let _ = writeln!(out, "    meta l4proto != {{ tcp, udp }} return");
+        if routing_mark != 0 {
+            let _ = writeln!(out, "    meta mark {routing_mark} return");
+        }
+        let _ = writeln!(
+            out,
+            "    fib daddr type {{ local, broadcast, multicast }} return"
+        );
+        let _ = writeln!(out, "    ip daddr @bypass4 return");
+        let _ = writeln!(out, "    ip6 daddr @bypass6 return");
+    };
+    let _ = writeln!(
+        out,
+        "  chain prerouting {{\n    type filter hook prerouting priority mangle; policy accept;"
+    );
+    if interfaces.is_empty() {
+        let _ = writeln!(out, "    return");
+    } else {
+        let _ = writeln!(out, "    iifname != {{ {} }} return", interfaces.join(", "));
+    }
+    skip(&mut out);
+    let _ = writeln!(
+        out,
+        "    meta nfproto ipv4 meta l4proto {{ tcp, udp }} tproxy ip to 127.0.0.1:{port} meta mark set {fwmark} accept"
+    );
+    let _ = writeln!(
+        out,
+        "    meta nfproto ipv6 meta l4proto {{ tcp, udp }} tproxy ip6 to [::1]:{port} meta mark set {fwmark} accept"
+    );
+    let _ = writeln!(out, "  }}");
+    if config.local {
+        let _ = writeln!(
+            out,
+            "  chain output {{\n    type route hook output priority mangle; policy accept;"
+        );
+        skip(&mut out);
+        let _ = writeln!(out, "    meta mark set {fwmark}");
+        let _ = writeln!(out, "  }}");
+    }
+    let _ = writeln!(out, "}}");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lan_only_ruleset() {
+        let config = FirewallConfig {
+            interfaces: vec!["lan0".into(), "wlan0".into()],
+            bypass: vec![
+                "192.168.0.0/16".parse().expect("net"),
+                "fd00::/8".parse().expect("net"),
+            ],
+            ..FirewallConfig::default()
+        };
+        let r = ruleset(&config, 7893, 0);
+        assert!(
+            r.contains("iifname != { \"lan0\", \"wlan0\" } return"),
+            "{r}"
+        );
+        assert!(r.contains("elements = { 192.168.0.0/16 }"), "{r}");
+        assert!(r.contains("elements = { fd00::/8 }"), "{r}");
+        assert!(
+            r.contains("tproxy ip to 127.0.0.1:7893 meta mark set 1 accept"),
+            "{r}"
+        );
+        assert!(
+            r.contains("tproxy ip6 to [::1]:7893 meta mark set 1 accept"),
+            "{r}"
+        );
+        assert!(!r.contains("meta mark 0 return"), "{r}");
+        assert!(!r.contains("chain output"), "{r}");
+    }
+
+    #[test]
+    fn local_capture_skips_the_proxys_own_mark() {
+        let config = FirewallConfig {
+            interfaces: vec!["lan0".into()],
+            local: true,
+            ..FirewallConfig::default()
+        };
+        let r = ruleset(&config, 7893, 6666);
+        assert!(r.contains("iifname != { \"lan0\", \"lo\" } return"), "{r}");
+        assert!(r.contains("chain output"), "{r}");
+        assert_eq!(r.matches("meta mark 6666 return").count(), 2, "{r}");
+    }
+}

@@ -1,0 +1,126 @@
+//! The TPROXY inbound: TCP and UDP listeners on `tproxy-port` (IPv4 and IPv6) that take
+//! redirected traffic, register each connection or session as a flow, and hand it on.
+
+mod sys;
+mod tcp;
+mod udp;
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    config::{BindAddress, Config, SniffConfig},
+    outbound::Direct,
+    registry::Registry,
+    route::Router,
+};
+
+/// Inbound name and type as Clash clients show them.
+pub const TPROXY_TYPE: &str = "TProxy";
+pub const TPROXY_NAME: &str = "DEFAULT-TPROXY";
+
+/// Errors starting the inbound.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("tproxy-port: cannot listen on {addr} ({proto}): {source}")]
+    Bind {
+        addr: SocketAddr,
+        proto: &'static str,
+        source: io::Error,
+    },
+}
+
+/// What every flow handler needs.
+#[derive(Debug)]
+struct Shared {
+    registry: Arc<Registry>,
+    direct: Direct,
+    router: Router,
+    sniff: SniffConfig,
+    tcp_idle: Option<Duration>,
+    udp_idle: Duration,
+    port: u16,
+}
+
+/// Binds the TPROXY listeners and serves them on `tracker` until `cancel`. Returns the
+/// addresses listened on (TCP and UDP share them).
+pub fn start(
+    config: &Config,
+    registry: Arc<Registry>,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Vec<SocketAddr>, Error> {
+    if config.tproxy_port == 0 {
+        return Ok(Vec::new());
+    }
+    sys::raise_nofile_limit();
+    let port = config.tproxy_port;
+    let addrs: Vec<SocketAddr> = match config.bind_address {
+        BindAddress::Any => vec![
+            (IpAddr::V4(Ipv4Addr::UNSPECIFIED), port).into(),
+            (IpAddr::V6(Ipv6Addr::UNSPECIFIED), port).into(),
+        ],
+        BindAddress::One(ip) => vec![(ip, port).into()],
+    };
+    let shared = Arc::new(Shared {
+        registry,
+        direct: Direct::new(config),
+        router: Router,
+        sniff: config.sniffer.clone(),
+        tcp_idle: config.tcp_idle_timeout.or_never(),
+        udp_idle: config.udp_idle_timeout.duration(),
+        port,
+    });
+    let mut bound = Vec::new();
+    for addr in addrs {
+        // With `*`, a host without IPv6 still serves IPv4.
+        let optional = config.bind_address == BindAddress::Any && addr.is_ipv6();
+        let listeners = sys::transparent_tcp_listener(addr, 1024)
+            .and_then(tokio::net::TcpListener::from_std)
+            .map_err(|source| Error::Bind {
+                addr,
+                proto: "tcp",
+                source,
+            })
+            .and_then(|tcp| {
+                let udp = sys::transparent_udp_socket(addr)
+                    .and_then(tokio::net::UdpSocket::from_std)
+                    .map_err(|source| Error::Bind {
+                        addr,
+                        proto: "udp",
+                        source,
+                    })?;
+                Ok((tcp, udp))
+            });
+        let (tcp, udp) = match listeners {
+            Ok(pair) => pair,
+            Err(e) if optional => {
+                tracing::warn!("{e}; serving IPv4 only");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        tracing::info!("tproxy: listening on {addr} (tcp, udp)");
+        tracker.spawn(tcp::serve(
+            tcp,
+            shared.clone(),
+            config.max_connections,
+            cancel.clone(),
+            tracker.clone(),
+        ));
+        tracker.spawn(udp::serve(
+            udp,
+            shared.clone(),
+            cancel.clone(),
+            tracker.clone(),
+        ));
+        bound.push(addr);
+    }
+    Ok(bound)
+}

@@ -1,0 +1,190 @@
+//! Moving bytes. TCP: `splice(2)` through a pipe per direction, half-close propagated each way,
+//! a reset answered with a reset, close on demand, idle timeout. Knows nothing of Clash: it
+//! reports moved bytes to a [`Meter`] (a no-op under eBPF accounting) and nothing else.
+
+mod splice;
+
+use std::{future::Future, io, os::fd::AsRawFd, time::Duration};
+
+use socket2::SockRef;
+use tokio::{io::Interest, net::TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::accounting::Meter;
+use splice::Pipe;
+
+/// How a relayed connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both directions reached EOF.
+    Done,
+    /// The client reset (or failed); the upstream was reset too.
+    ClientReset,
+    /// The upstream reset (or failed); the client was reset too.
+    UpstreamReset,
+    /// Nothing moved for the idle timeout.
+    Idle,
+    /// Closed on demand.
+    Closed,
+}
+
+/// What a relay needs besides the two sockets.
+#[derive(Debug)]
+pub struct Options<A> {
+    /// Counts client-leg bytes: received from the client (rx), sent to it (tx).
+    pub client_meter: Meter,
+    /// Ends the relay on demand.
+    pub cancel: CancellationToken,
+    /// End after this long without activity.
+    pub idle: Option<Duration>,
+    /// Total bytes moved so far on the client leg (checked only every idle/4).
+    pub activity: A,
+}
+
+#[derive(Debug)]
+enum PumpError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// Relays between `client` and `upstream` until both directions end, either side fails, the
+/// idle timeout passes, or `opts.cancel` fires. The upload direction starts once
+/// `before_upload` resolves (sniffing peeks there); the download direction starts at once,
+/// so a server that speaks first is never held back. The caller drops the sockets afterwards
+/// (a side marked by [`reset`] then sends its reset).
+pub async fn tcp<A: Fn() -> u64>(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    opts: Options<A>,
+    before_upload: impl Future<Output = ()>,
+) -> End {
+    let (up_pipe, down_pipe) = match (Pipe::new(), Pipe::new()) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!("relay: cannot make a pipe: {e}");
+            reset(client);
+            reset(upstream);
+            return End::ClientReset;
+        }
+    };
+    let no_meter = Meter::default();
+    let up = async {
+        before_upload.await;
+        pump(client, upstream, &up_pipe, &opts.client_meter, &no_meter).await
+    };
+    let down = pump(upstream, client, &down_pipe, &no_meter, &opts.client_meter);
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    let idle = idle_watch(opts.idle, &opts.activity);
+    tokio::pin!(idle);
+    loop {
+        tokio::select! {
+            r = &mut up, if !up_done => match r {
+                Ok(()) => {
+                    up_done = true;
+                    let _ = SockRef::from(upstream).shutdown(std::net::Shutdown::Write);
+                }
+                Err(PumpError::Read(e)) => return failed(End::ClientReset, &e, upstream),
+                Err(PumpError::Write(e)) => return failed(End::UpstreamReset, &e, client),
+            },
+            r = &mut down, if !down_done => match r {
+                Ok(()) => {
+                    down_done = true;
+                    let _ = SockRef::from(client).shutdown(std::net::Shutdown::Write);
+                }
+                Err(PumpError::Read(e)) => return failed(End::UpstreamReset, &e, client),
+                Err(PumpError::Write(e)) => return failed(End::ClientReset, &e, upstream),
+            },
+            () = opts.cancel.cancelled() => {
+                close_both(client, upstream);
+                return End::Closed;
+            }
+            () = &mut idle => {
+                close_both(client, upstream);
+                return End::Idle;
+            }
+        }
+        if up_done && down_done {
+            return End::Done;
+        }
+    }
+}
+
+/// One side failed with `e`: reset the other.
+fn failed(end: End, e: &io::Error, other: &TcpStream) -> End {
+    tracing::debug!("relay: {end:?}: {e}");
+    reset(other);
+    end
+}
+
+/// Resolves once `activity` has not changed for `idle`; never without a timeout.
+async fn idle_watch(idle: Option<Duration>, activity: &impl Fn() -> u64) {
+    let Some(idle) = idle else {
+        return std::future::pending().await;
+    };
+    let step = (idle / 4).max(Duration::from_millis(250));
+    let mut last = activity();
+    let mut quiet = Duration::ZERO;
+    loop {
+        tokio::time::sleep(step).await;
+        let now = activity();
+        if now == last {
+            quiet += step;
+            if quiet >= idle {
+                return;
+            }
+        } else {
+            (last, quiet) = (now, Duration::ZERO);
+        }
+    }
+}
+
+/// Moves everything from `src` to `dst` until EOF on `src`.
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &Pipe,
+    read_meter: &Meter,
+    write_meter: &Meter,
+) -> Result<(), PumpError> {
+    let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
+    loop {
+        let n = loop {
+            src.readable().await.map_err(PumpError::Read)?;
+            match src.try_io(Interest::READABLE, || pipe.fill(src_fd, pipe.capacity)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other.map_err(PumpError::Read)?,
+            }
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        read_meter.add_rx(n as u64);
+        let mut left = n;
+        while left > 0 {
+            dst.writable().await.map_err(PumpError::Write)?;
+            match dst.try_io(Interest::WRITABLE, || pipe.drain(dst_fd, left)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(PumpError::Write(e)),
+                Ok(m) => {
+                    write_meter.add_tx(m as u64);
+                    left -= m;
+                }
+            }
+        }
+    }
+}
+
+/// Makes the socket's close send a reset (SO_LINGER 0). A shutdown first would send FIN
+/// instead, so nothing else is done: the caller drops the socket.
+pub fn reset(stream: &TcpStream) {
+    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+}
+
+fn close_both(a: &TcpStream, b: &TcpStream) {
+    for s in [a, b] {
+        let _ = SockRef::from(s).shutdown(std::net::Shutdown::Both);
+    }
+}
