@@ -4,7 +4,11 @@
 
 mod common;
 
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
 
 use common::topo::{
     CLIENT4, SERVER4, SERVER6, Topology, read_all, socket, spawn_in, with_gateway, write_pattern,
@@ -105,6 +109,224 @@ fn ipv6_tcp() {
         |_| {},
         |topo, gw| {
             exchange(topo, gw, SERVER6, 1 << 20, 3 << 20);
+        },
+    );
+}
+
+#[test]
+fn half_close_reply_arrives_in_full() {
+    // The client shuts its write side after 1 KiB; the server reads to EOF and only then
+    // sends 5 MB back over the half-open connection.
+    with_gateway(
+        "half_close",
+        AccountingMode::Ebpf,
+        |_| {},
+        |topo, gw| {
+            exchange(topo, gw, SERVER4, 1024, 5_000_000);
+        },
+    );
+}
+
+/// A server listening on `port` in the server namespace that runs `serve` on one connection.
+fn one_shot_server<T: Send + 'static>(
+    topo: &Topology,
+    port: u16,
+    serve: impl FnOnce(TcpStream) -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let handle = spawn_in(&topo.server, move || {
+        let listener = TcpListener::bind(socket(SERVER4, port)).expect("server bind");
+        ready_tx.send(()).expect("ready");
+        let (conn, _) = listener.accept().expect("accept");
+        serve(conn)
+    });
+    ready_rx.recv().expect("server ready");
+    handle
+}
+
+#[test]
+fn server_first_banner_is_not_held_back() {
+    with_gateway(
+        "banner",
+        AccountingMode::Ebpf,
+        |_| {},
+        |topo, _gw| {
+            let banner = b"220 smtp.example ESMTP ready\r\n";
+            let server = one_shot_server(topo, 25, move |mut conn| {
+                conn.write_all(banner).expect("banner");
+                let _ = read_all(&mut conn);
+            });
+            let elapsed = Topology::run_in(&topo.client, move || {
+                let mut conn = TcpStream::connect(socket(SERVER4, 25)).expect("connect");
+                let start = Instant::now();
+                let mut got = vec![0u8; banner.len()];
+                conn.read_exact(&mut got).expect("banner");
+                assert_eq!(got, banner);
+                start.elapsed()
+            });
+            server.join().expect("server");
+            assert!(
+                elapsed < Duration::from_millis(50),
+                "banner took {elapsed:?}"
+            );
+            eprintln!("banner arrived {elapsed:?} after connect");
+        },
+    );
+}
+
+#[test]
+fn sni_and_host_are_sniffed() {
+    with_gateway(
+        "sniff",
+        AccountingMode::Ebpf,
+        |_| {},
+        |topo, gw| {
+            // A real ClientHello from OpenSSL; the server only needs to read it.
+            let server = one_shot_server(topo, 443, |mut conn| {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+            });
+            let status = std::process::Command::new("ip")
+                .args(["netns", "exec", &topo.client.name, "openssl", "s_client"])
+                .args([
+                    "-connect",
+                    &format!("{SERVER4}:443"),
+                    "-servername",
+                    "sni.example.test",
+                ])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("run openssl s_client");
+            eprintln!("openssl s_client exited {status} (the server never answers the hello)");
+            server.join().expect("server");
+            gw.wait_until(10, "the TLS flow to close", |r| {
+                r.live_count() == 0 && !r.closed(1).is_empty()
+            });
+            assert_eq!(
+                gw.registry.closed(1)[0].sniffed_host.as_deref(),
+                Some("sni.example.test")
+            );
+
+            let server = one_shot_server(topo, 80, |mut conn| {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf);
+                conn.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                    .expect("reply");
+            });
+            Topology::run_in(&topo.client, || {
+                let mut conn = TcpStream::connect(socket(SERVER4, 80)).expect("connect");
+                conn.write_all(b"GET /index.html HTTP/1.1\r\nHost: Host.Example.Test:80\r\nAccept: */*\r\n\r\n")
+                .expect("request");
+                let mut reply = String::new();
+                conn.read_to_string(&mut reply).expect("reply");
+                assert!(reply.starts_with("HTTP/1.1 204"), "{reply}");
+            });
+            server.join().expect("server");
+            gw.wait_until(10, "the HTTP flow to close", |r| {
+                r.live_count() == 0 && r.closed(2).len() == 2
+            });
+            assert_eq!(
+                gw.registry.closed(1)[0].sniffed_host.as_deref(),
+                Some("host.example.test")
+            );
+        },
+    );
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn unreachable_upstreams_reset_the_client_promptly() {
+    with_gateway(
+        "unreachable",
+        AccountingMode::Ebpf,
+        |_| {},
+        |topo, gw| {
+            let fds = open_fds();
+            // A closed port (the server answers with a reset) and an address with no route.
+            for (target, what) in [
+                (socket(SERVER4, 9), "refused"),
+                (socket("10.91.3.3", 80), "unroutable"),
+            ] {
+                let elapsed = Topology::run_in(&topo.client, move || {
+                    let mut conn = TcpStream::connect(target).expect("tproxy accepts");
+                    let start = Instant::now();
+                    let mut buf = [0u8; 16];
+                    let r = conn.read(&mut buf);
+                    assert!(
+                        matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+                        "{what}: expected a reset, got {r:?}"
+                    );
+                    start.elapsed()
+                });
+                assert!(
+                    elapsed < Duration::from_millis(500),
+                    "{what}: reset took {elapsed:?}"
+                );
+            }
+            gw.wait_until(10, "both flows to close", |r| {
+                r.live_count() == 0 && r.closed(2).len() == 2
+            });
+            for closed in gw.registry.closed(2) {
+                assert_eq!(closed.traffic, Traffic::default());
+                assert_eq!(closed.dialed, None);
+            }
+            // Nothing left open in the daemon (settle: the gateway's sockets close asynchronously).
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while open_fds() > fds && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(
+                open_fds() <= fds,
+                "fds: {} before, {} after",
+                fds,
+                open_fds()
+            );
+        },
+    );
+}
+
+#[test]
+fn closing_a_flow_ends_both_sockets_within_100ms() {
+    with_gateway(
+        "close_flow",
+        AccountingMode::Ebpf,
+        |_| {},
+        |topo, gw| {
+            let server = one_shot_server(topo, 5002, |mut conn| {
+                let _ = read_all(&mut conn);
+                Instant::now()
+            });
+            let (connected_tx, connected_rx) = std::sync::mpsc::channel();
+            let client = spawn_in(&topo.client, move || {
+                let mut conn = TcpStream::connect(socket(SERVER4, 5002)).expect("connect");
+                conn.write_all(b"hello").expect("write");
+                connected_tx.send(()).expect("connected");
+                let _ = read_all(&mut conn);
+                Instant::now()
+            });
+            connected_rx.recv().expect("client connected");
+            gw.wait_until(5, "the flow to register", |r| r.live_count() == 1);
+            let id = gw.registry.live()[0].flow.id;
+            let closed_at = Instant::now();
+            assert!(gw.registry.close(&id));
+            let client_end = client.join().expect("client");
+            let server_end = server.join().expect("server");
+            for (side, end) in [("client", client_end), ("server", server_end)] {
+                let took = end.duration_since(closed_at);
+                assert!(
+                    took < Duration::from_millis(100),
+                    "{side} saw the close after {took:?}"
+                );
+            }
+            gw.wait_until(5, "the flow to finish", |r| r.live_count() == 0);
+            assert_eq!(gw.registry.closed(1)[0].traffic.upload, 5);
         },
     );
 }

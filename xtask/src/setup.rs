@@ -14,6 +14,7 @@ const PACKAGES: &[&str] = &[
     "nftables",
     "iproute2",
     "iperf3",
+    "openssl",
 ];
 const COMPONENTS: &[&str] = &["rust-src", "rustfmt", "clippy"];
 const LLVM: &str = "/usr/lib/llvm-22";
@@ -34,7 +35,7 @@ fn packages() -> Result<()> {
     if !std::path::Path::new("/etc/debian_version").exists() || !has("apt-get") {
         bail!(
             "not a Debian/Ubuntu host: install by hand the equivalents of {} \
-             (LLVM 22 development libraries with Polly, nftables, iproute2, iperf3), \
+             (LLVM 22 development libraries with Polly, nftables, iproute2, iperf3, openssl), \
              then run this again",
             missing.join(" ")
         );
