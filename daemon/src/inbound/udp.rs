@@ -23,10 +23,9 @@ struct Session {
 }
 
 impl Session {
-    /// Sends one client datagram towards the destination (dropped if the socket is full, as
-    /// UDP may).
-    fn forward(&self, data: &[u8]) {
-        match self.upstream.try_send(data) {
+    /// Sends one client datagram towards the destination.
+    async fn forward(&self, data: &[u8]) {
+        match self.upstream.send(data).await {
             Ok(n) => self.flow.meter().add_tx(n as u64),
             Err(e) => tracing::debug!("{} udp → {}: {e}", self.flow.id, self.flow.meta.destination),
         }
@@ -81,7 +80,7 @@ pub(super) async fn serve(
                 }
             },
         };
-        session.forward(&buf[..n]);
+        session.forward(&buf[..n]).await;
     }
 }
 
@@ -138,7 +137,7 @@ async fn run(
                 match session.upstream.try_recv(&mut buf) {
                     Ok(n) => {
                         flow.meter().add_rx(n as u64);
-                        if let Err(e) = reply.try_send(&buf[..n]) {
+                        if let Err(e) = reply.send(&buf[..n]).await {
                             tracing::debug!("{} udp reply to {}: {e}", flow.id, key.0);
                         }
                         deadline = Instant::now() + shared.udp_idle;
@@ -152,7 +151,7 @@ async fn run(
                 if r.is_err() { break; }
                 match reply.try_recv(&mut buf) {
                     Ok(n) => {
-                        session.forward(&buf[..n]);
+                        session.forward(&buf[..n]).await;
                         deadline = Instant::now() + shared.udp_idle;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -134,6 +134,10 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn start(topo: &Topology, config: Config) -> Gateway {
+        // Daemon logs on request only (they bypass the test harness's output capture).
+        if std::env::var_os("RUST_LOG").is_some() {
+            tpacct::logging::init(tpacct::config::LogLevel::Info);
+        }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = spawn_in(&topo.gateway, move || {
