@@ -10,7 +10,7 @@ use std::{
 /// Errors placing the process in a cgroup.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("no cgroup v2 (cgroup2) mount in /proc/mounts")]
+    #[error("no cgroup v2 (cgroup2) mount in /proc/mounts, and mounting one failed")]
     NoV2Mount,
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
@@ -26,10 +26,31 @@ pub enum Error {
     Outside { path: PathBuf, mount: PathBuf },
 }
 
-/// Where the cgroup v2 hierarchy is mounted (not always `/sys/fs/cgroup`).
+/// Where tpacct mounts cgroup2 itself when none is visible.
+const OWN_MOUNT: &str = "/run/tpacct/cgroup2";
+
+/// Where the cgroup v2 hierarchy is mounted (not always `/sys/fs/cgroup`). When no mount is
+/// visible — `ip netns exec` remounts /sys in a private mount namespace, hiding it — cgroup2
+/// is mounted at [`OWN_MOUNT`] (same hierarchy, another view).
 pub fn v2_mount() -> Result<PathBuf, Error> {
     let mounts = read("/proc/mounts")?;
-    parse_v2_mount(&mounts).ok_or(Error::NoV2Mount)
+    if let Some(found) = parse_v2_mount(&mounts) {
+        return Ok(found);
+    }
+    let own = PathBuf::from(OWN_MOUNT);
+    std::fs::create_dir_all(&own).map_err(|_| Error::NoV2Mount)?;
+    nix::mount::mount(
+        Some("cgroup2"),
+        &own,
+        Some("cgroup2"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|_| Error::NoV2Mount)?;
+    tracing::info!("no cgroup2 mount visible; mounted one at {OWN_MOUNT}");
+    Ok(own)
 }
 
 fn parse_v2_mount(mounts: &str) -> Option<PathBuf> {
@@ -57,6 +78,32 @@ fn read(path: &str) -> Result<String, Error> {
         path: path.into(),
         source,
     })
+}
+
+/// Removes `tpacct-<pid>` cgroups left by daemons that were killed: their process is gone and
+/// nothing is inside them.
+fn remove_stale_children(mount: &Path) {
+    let Ok(entries) = std::fs::read_dir(mount) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("tpacct-"))
+            .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let empty = std::fs::read_to_string(entry.path().join("cgroup.procs"))
+            .is_ok_and(|procs| procs.trim().is_empty());
+        if empty && !Path::new("/proc").join(pid).exists() {
+            match std::fs::remove_dir(entry.path()) {
+                Ok(()) => tracing::info!("removed stale cgroup {}", entry.path().display()),
+                Err(e) => tracing::debug!("stale cgroup {}: {e}", entry.path().display()),
+            }
+        }
+    }
 }
 
 fn move_into(dir: &Path) -> Result<(), Error> {
@@ -96,7 +143,10 @@ impl Placement {
                 }
                 (dir.to_owned(), !dir.exists())
             }
-            None if own == mount => (mount.join(format!("tpacct-{}", std::process::id())), true),
+            None if own == mount => {
+                remove_stale_children(&mount);
+                (mount.join(format!("tpacct-{}", std::process::id())), true)
+            }
             None => (own.clone(), false),
         };
         Placement::at(dir, should_create, &own)

@@ -4,14 +4,13 @@
 mod common;
 
 use std::{
-    io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Output, Stdio},
-    sync::mpsc,
-    time::Duration,
+    process::{Command, Output},
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_tpacctd");
+use common::daemon::Daemon;
+
+use common::daemon::BIN;
 
 fn config_file(name: &str, text: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("tpacct-cli-{}-{name}.yaml", std::process::id()));
@@ -72,57 +71,12 @@ fn run_with_a_missing_config_exits_64() {
     assert_eq!(out.status.code(), Some(64));
 }
 
-/// A running daemon whose stderr lines arrive on a channel.
-struct Daemon {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Daemon {
-    fn start(args: &[&str]) -> Daemon {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn tpacctd");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Daemon { child, lines }
-    }
-
-    /// The first line containing `needle`, within 20 s.
-    fn wait_for(&self, needle: &str) -> String {
-        loop {
-            match self.lines.recv_timeout(Duration::from_secs(20)) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(e) => panic!("no line with {needle:?}: {e}"),
-            }
-        }
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
-        self.child.wait().expect("wait")
-    }
-}
-
 #[test]
 fn run_uses_ebpf_and_removes_its_cgroup_on_sigterm() {
     if !common::root_or_skip("run_uses_ebpf_and_removes_its_cgroup_on_sigterm") {
         return;
     }
-    let daemon = Daemon::start(&["run"]);
+    let daemon = Daemon::start(None, &["run"]);
     let line = daemon.wait_for("accounting:");
     let cgroup = line
         .split_once("accounting: ebpf (cgroup ")
@@ -143,7 +97,7 @@ fn run_uses_ebpf_and_removes_its_cgroup_on_sigterm() {
 #[test]
 fn run_counts_in_userspace_when_configured() {
     let path = config_file("user", "accounting: userspace\n");
-    let daemon = Daemon::start(&["run", "--config", path.to_str().expect("utf-8")]);
+    let daemon = Daemon::start(None, &["run", "--config", path.to_str().expect("utf-8")]);
     let line = daemon.wait_for("accounting:");
     assert!(
         line.contains("accounting: userspace (configured)"),

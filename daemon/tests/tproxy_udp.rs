@@ -31,19 +31,28 @@ fn request_response(topo: &Topology, gw: &common::topo::Gateway, server_ip: &str
         let mut buf = vec![0u8; 65_536];
         for _ in REQUESTS {
             let (n, from) = sock.recv_from(&mut buf).expect("recv");
-            sock.send_to(&vec![b'r'; reply_size(n)], from).expect("reply");
+            sock.send_to(&vec![b'r'; reply_size(n)], from)
+                .expect("reply");
         }
     });
     ready_rx.recv().expect("server ready");
     let last_reply = spawn_in(&topo.client, move || {
-        let unspecified = if server_addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let unspecified = if server_addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
         let sock = UdpSocket::bind(unspecified).expect("client bind");
-        sock.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
         let mut buf = vec![0u8; 65_536];
         for size in REQUESTS {
             sock.send_to(&vec![b'q'; size], server_addr).expect("send");
             let (n, from) = sock.recv_from(&mut buf).expect("reply");
-            assert_eq!(from, server_addr, "the reply comes from the original destination");
+            assert_eq!(
+                from, server_addr,
+                "the reply comes from the original destination"
+            );
             assert_eq!(n, reply_size(size));
         }
         Instant::now()
@@ -60,7 +69,10 @@ fn request_response(topo: &Topology, gw: &common::topo::Gateway, server_ip: &str
     assert_eq!(live[0].flow.meta.destination, server_addr);
     assert_eq!(
         live[0].traffic,
-        Traffic { upload: up as u64, download: down as u64 },
+        Traffic {
+            upload: up as u64,
+            download: down as u64
+        },
         "live counters are exact between datagrams"
     );
 
@@ -72,27 +84,48 @@ fn request_response(topo: &Topology, gw: &common::topo::Gateway, server_ip: &str
         "expired after {idle_for:?} of silence"
     );
     let closed = gw.registry.closed(1).remove(0);
-    assert_eq!(closed.traffic, Traffic { upload: up as u64, download: down as u64 });
+    assert_eq!(
+        closed.traffic,
+        Traffic {
+            upload: up as u64,
+            download: down as u64
+        }
+    );
     assert_eq!(closed.meta.route.chains, ["DIRECT"]);
 }
 
 #[test]
 fn request_response_ebpf() {
-    with_gateway("udp_ebpf", AccountingMode::Ebpf, |_| {}, |topo, gw| {
-        request_response(topo, gw, SERVER4);
-    });
+    with_gateway(
+        "udp_ebpf",
+        AccountingMode::Ebpf,
+        |_| {},
+        |topo, gw| {
+            request_response(topo, gw, SERVER4);
+        },
+    );
 }
 
 #[test]
 fn request_response_userspace() {
-    with_gateway("udp_user", AccountingMode::Userspace, |_| {}, |topo, gw| {
-        request_response(topo, gw, SERVER4);
-    });
+    with_gateway(
+        "udp_user",
+        AccountingMode::Userspace,
+        |_| {},
+        |topo, gw| {
+            request_response(topo, gw, SERVER4);
+        },
+    );
 }
 
 #[test]
 fn ipv6_udp() {
-    with_gateway("udp6", AccountingMode::Ebpf, |_| {}, |topo, gw| {
-        request_response(topo, gw, SERVER6);
-    });
+    with_gateway(
+        "udp6",
+        AccountingMode::Ebpf,
+        |_| {},
+        |topo, gw| {
+            request_response(topo, gw, SERVER6);
+        },
+    );
 }

@@ -58,21 +58,12 @@ pub async fn tcp<A: Fn() -> u64>(
     opts: Options<A>,
     before_upload: impl Future<Output = ()>,
 ) -> End {
-    let (up_pipe, down_pipe) = match (Pipe::new(), Pipe::new()) {
-        (Ok(a), Ok(b)) => (a, b),
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::warn!("relay: cannot make a pipe: {e}");
-            reset(client);
-            reset(upstream);
-            return End::ClientReset;
-        }
-    };
     let no_meter = Meter::default();
     let up = async {
         before_upload.await;
-        pump(client, upstream, &up_pipe, &opts.client_meter, &no_meter).await
+        pump(client, upstream, &opts.client_meter, &no_meter).await
     };
-    let down = pump(upstream, client, &down_pipe, &no_meter, &opts.client_meter);
+    let down = pump(upstream, client, &no_meter, &opts.client_meter);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
     let idle = idle_watch(opts.idle, &opts.activity);
@@ -139,21 +130,24 @@ async fn idle_watch(idle: Option<Duration>, activity: &impl Fn() -> u64) {
     }
 }
 
-/// Moves everything from `src` to `dst` until EOF on `src`.
+/// Moves everything from `src` to `dst` until EOF on `src`. The pipe is made when the first
+/// bytes arrive, so an idle connection holds none.
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
-    pipe: &Pipe,
     read_meter: &Meter,
     write_meter: &Meter,
 ) -> Result<(), PumpError> {
     let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
+    src.readable().await.map_err(PumpError::Read)?;
+    let pipe = Pipe::new().map_err(PumpError::Read)?;
     loop {
         let n = loop {
-            src.readable().await.map_err(PumpError::Read)?;
             match src.try_io(Interest::READABLE, || pipe.fill(src_fd, pipe.capacity)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    src.readable().await.map_err(PumpError::Read)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 other => break other.map_err(PumpError::Read)?,
             }
         };
@@ -163,10 +157,11 @@ async fn pump(
         read_meter.add_rx(n as u64);
         let mut left = n;
         while left > 0 {
-            dst.writable().await.map_err(PumpError::Write)?;
             match dst.try_io(Interest::WRITABLE, || pipe.drain(dst_fd, left)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    dst.writable().await.map_err(PumpError::Write)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(PumpError::Write(e)),
                 Ok(m) => {
                     write_meter.add_tx(m as u64);

@@ -1,0 +1,88 @@
+//! The real `tpacctd` binary as a child process, optionally inside a network namespace, with
+//! its log lines on a channel.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use nix::{sys::signal, unistd::Pid};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tpacctd");
+
+/// A running daemon.
+pub struct Daemon {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    /// Starts `tpacctd args…`, inside network namespace `netns` if given.
+    pub fn start(netns: Option<&str>, args: &[&str]) -> Daemon {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, BIN]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let mut child = cmd
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tpacctd");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Daemon { child, lines }
+    }
+
+    /// The first line containing `needle`, within 20 s.
+    pub fn wait_for(&self, needle: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(20)) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no line with {needle:?}: {e}"),
+            }
+        }
+    }
+
+    fn signal(&self, sig: signal::Signal) {
+        signal::kill(Pid::from_raw(self.child.id() as i32), sig).expect("signal tpacctd");
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        self.signal(signal::Signal::SIGTERM);
+        self.child.wait().expect("wait")
+    }
+
+    /// SIGKILL: nothing is cleaned up.
+    pub fn kill(mut self) {
+        self.signal(signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    /// A test that fails midway must not leave its daemon running.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! 1,000 concurrent connections through TPROXY, then all closed: the registry and the
+//! process's open descriptors return to where they were.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::topo::{SERVER4, socket, spawn_in, with_gateway};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+use tpacct::config::AccountingMode;
+
+const CONNECTIONS: usize = 1000;
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn thousand_concurrent_connections_then_baseline() {
+    with_gateway(
+        "scale",
+        AccountingMode::Ebpf,
+        |_| {},
+        |topo, gw| {
+            let before = open_fds();
+            let target = socket(SERVER4, 6000);
+            // Server: echoes each connection's bytes until EOF.
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let server = spawn_in(&topo.server, move || {
+                runtime().block_on(async move {
+                    let listener = TcpListener::bind(target).await.expect("bind");
+                    ready_tx.send(()).expect("ready");
+                    let mut tasks = Vec::new();
+                    for _ in 0..CONNECTIONS {
+                        let (mut conn, _) = listener.accept().await.expect("accept");
+                        tasks.push(tokio::spawn(async move {
+                            let mut buf = [0u8; 64];
+                            while let Ok(n @ 1..) = conn.read(&mut buf).await {
+                                conn.write_all(&buf[..n]).await.expect("echo");
+                            }
+                        }));
+                    }
+                    for t in tasks {
+                        t.await.expect("echo task");
+                    }
+                });
+            });
+            ready_rx.recv().expect("server ready");
+
+            // Client: opens every connection, checks one echo on each, holds them until told.
+            let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+            let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
+            let client = spawn_in(&topo.client, move || {
+                runtime().block_on(async move {
+                    let mut conns = Vec::with_capacity(CONNECTIONS);
+                    for i in 0..CONNECTIONS {
+                        let mut conn = TcpStream::connect(target).await.expect("connect");
+                        let msg = format!("hello {i:04}");
+                        conn.write_all(msg.as_bytes()).await.expect("write");
+                        let mut echo = vec![0u8; msg.len()];
+                        conn.read_exact(&mut echo).await.expect("echo");
+                        assert_eq!(echo, msg.as_bytes());
+                        conns.push(conn);
+                    }
+                    opened_tx.send(()).expect("opened");
+                    let _ = close_rx.await;
+                    drop(conns);
+                });
+            });
+            opened_rx.recv().expect("all connected");
+            gw.wait_until(10, "1000 live flows", |r| r.live_count() == CONNECTIONS);
+            let totals = gw.registry.totals();
+            assert_eq!(totals.upload, totals.download, "every byte echoed");
+            assert_eq!(totals.upload, (CONNECTIONS * "hello 0000".len()) as u64);
+
+            let _ = close_tx.send(());
+            client.join().expect("client");
+            server.join().expect("server");
+            gw.wait_until(20, "every flow to finish", |r| r.live_count() == 0);
+            assert_eq!(gw.registry.closed(usize::MAX).len(), CONNECTIONS);
+
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while open_fds() > before && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(
+                open_fds() <= before,
+                "fds: {before} before, {} after",
+                open_fds()
+            );
+        },
+    );
+}
