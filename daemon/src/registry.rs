@@ -205,6 +205,19 @@ impl Registry {
             .fetch_add(traffic.upload, Ordering::Relaxed);
         self.closed_download
             .fetch_add(traffic.download, Ordering::Relaxed);
+        tracing::info!(
+            "[{}] {} --> {}{} match {} using {} closed: up {} B, down {} B",
+            flow.meta.network.as_str().to_uppercase(),
+            flow.meta.source,
+            flow.meta.destination,
+            flow.sniffed_host()
+                .map(|h| format!(" ({h})"))
+                .unwrap_or_default(),
+            flow.meta.route.rule,
+            flow.meta.route.chains.join(" < "),
+            traffic.upload,
+            traffic.download,
+        );
         let closed = ClosedFlow {
             id: flow.id,
             meta: flow.meta.clone(),

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's own commands — setup, build, run, test — so that a newcomer
 //! needs nothing but the README's two commands.
 
+mod demo;
 mod process;
 mod setup;
 
@@ -23,13 +24,24 @@ enum Command {
     Setup,
     /// Setup, then build tpacctd (with its eBPF programs) in release mode.
     Build,
-    /// Setup, build, and start tpacctd; arguments after `--` go to `tpacctd run`.
+    /// Setup, build, and start tpacctd. Without arguments (no gateway configured) it runs in
+    /// the demo topology with traffic every few seconds until Ctrl-C; arguments after `--`
+    /// go to `tpacctd run` on this host (e.g. `-- --config /etc/tpacct/config.yaml`).
     Run {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Setup, then format check, clippy with -D warnings, and every test.
+    /// Setup, build, then one round of the demo: client and server namespaces routed through
+    /// tpacctd with its managed firewall, HTTP, TLS and UDP traffic, flows logged with counts.
+    Demo,
+    /// Setup, then format check, clippy with -D warnings, every test, and one demo round.
     Test,
+    /// Demo server inside the server namespace.
+    #[command(hide = true)]
+    DemoServe { kind: String, addr: String },
+    /// Demo UDP client inside the client namespace.
+    #[command(hide = true)]
+    DemoUdp { addr: String },
 }
 
 fn main() -> Result<()> {
@@ -41,18 +53,36 @@ fn main() -> Result<()> {
             setup::ensure()?;
             build()
         }
+        Command::Run { args } if args.is_empty() => {
+            setup::ensure()?;
+            build()?;
+            demo::run(&daemon(&root), None)
+        }
         Command::Run { args } => {
             setup::ensure()?;
             build()?;
-            let mut cmd = std::process::Command::new(root.join("target/release/tpacctd"));
+            let mut cmd = std::process::Command::new(daemon(&root));
             cmd.arg("run").args(args);
             process::exec(cmd)
         }
+        Command::Demo => {
+            setup::ensure()?;
+            build()?;
+            demo::run(&daemon(&root), Some(1))
+        }
         Command::Test => {
             setup::ensure()?;
-            test()
+            test()?;
+            build()?;
+            demo::run(&daemon(&root), Some(1))
         }
+        Command::DemoServe { kind, addr } => demo::serve(&kind, &addr),
+        Command::DemoUdp { addr } => demo::udp_client(&addr),
     }
+}
+
+fn daemon(root: &std::path::Path) -> PathBuf {
+    root.join("target/release/tpacctd")
 }
 
 fn workspace_root() -> PathBuf {

@@ -15,6 +15,7 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "iperf3",
     "openssl",
+    "curl",
 ];
 const COMPONENTS: &[&str] = &["rust-src", "rustfmt", "clippy"];
 const LLVM: &str = "/usr/lib/llvm-22";
@@ -35,7 +36,7 @@ fn packages() -> Result<()> {
     if !std::path::Path::new("/etc/debian_version").exists() || !has("apt-get") {
         bail!(
             "not a Debian/Ubuntu host: install by hand the equivalents of {} \
-             (LLVM 22 development libraries with Polly, nftables, iproute2, iperf3, openssl), \
+             (LLVM 22 development libraries with Polly, nftables, iproute2, iperf3, openssl, curl), \
              then run this again",
             missing.join(" ")
         );

@@ -1,0 +1,358 @@
+//! The demo topology: client and server namespaces on either side of a gateway namespace where
+//! tpacctd runs with its managed firewall, plus servers (HTTP, TLS, UDP echo) and client
+//! traffic, so a newcomer sees flows with exact counters on day one.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{TcpListener, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::process;
+
+const CLIENT: &str = "tpacct-demo-client";
+const GATEWAY: &str = "tpacct-demo-gw";
+const SERVER: &str = "tpacct-demo-server";
+const SERVER_IP: &str = "10.92.2.2";
+const TLS_NAME: &str = "demo.tpacct.test";
+const HTTP_BODY: usize = 100_000;
+const UDP_SIZES: [usize; 3] = [100, 200, 300];
+
+const CONFIG: &str = "\
+# tpacct demo gateway: capture everything arriving from the client namespace.
+log-level: info
+tproxy-port: 7893
+routing-mark: 6666
+tproxy-firewall:
+  interfaces: [gw-lan]
+";
+
+/// Namespaces, veths and addresses; torn down on drop.
+struct Topology;
+
+fn ip(args: &[&str]) -> Result<()> {
+    process::run("ip", args)
+}
+
+impl Topology {
+    fn up() -> Result<Topology> {
+        Topology::clean();
+        let topo = Topology;
+        for ns in [CLIENT, GATEWAY, SERVER] {
+            ip(&["netns", "add", ns])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        let veth = |a: &str, ans: &str, b: &str, bns: &str| {
+            ip(&[
+                "link", "add", a, "netns", ans, "type", "veth", "peer", "name", b, "netns", bns,
+            ])
+        };
+        veth("cl-eth0", CLIENT, "gw-lan", GATEWAY)?;
+        veth("sv-eth0", SERVER, "gw-wan", GATEWAY)?;
+        for (ns, dev, addr) in [
+            (CLIENT, "cl-eth0", "10.92.1.2/24"),
+            (GATEWAY, "gw-lan", "10.92.1.1/24"),
+            (GATEWAY, "gw-wan", "10.92.2.1/24"),
+            (SERVER, "sv-eth0", "10.92.2.2/24"),
+        ] {
+            ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        }
+        ip(&["-n", CLIENT, "route", "add", "default", "via", "10.92.1.1"])?;
+        ip(&["-n", SERVER, "route", "add", "default", "via", "10.92.2.1"])?;
+        process::run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                GATEWAY,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        )?;
+        Ok(topo)
+    }
+
+    fn clean() {
+        for ns in [CLIENT, GATEWAY, SERVER] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        Topology::clean();
+    }
+}
+
+/// Child processes killed on drop.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn in_ns(ns: &str, program: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).arg(program).args(args);
+    cmd
+}
+
+/// Runs the demo. `rounds`: how many traffic rounds (None: until Ctrl-C).
+pub fn run(daemon: &Path, rounds: Option<u32>) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
+
+    let dir = PathBuf::from("target/demo");
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("config.yaml");
+    std::fs::write(&config, CONFIG)?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    if !cert.exists() || !key.exists() {
+        let out = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+            ])
+            .args(["-subj", &format!("/CN={TLS_NAME}")])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .context("openssl req")?;
+        if !out.status.success() {
+            bail!("openssl req: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+
+    let _topo = Topology::up()?;
+    let me = std::env::current_exe()?;
+    let mut children = Children(Vec::new());
+    children.0.push(
+        in_ns(
+            SERVER,
+            &me,
+            &["demo-serve", "http", &format!("{SERVER_IP}:80")],
+        )
+        .spawn()?,
+    );
+    children.0.push(
+        in_ns(
+            SERVER,
+            &me,
+            &["demo-serve", "udp", &format!("{SERVER_IP}:5353")],
+        )
+        .spawn()?,
+    );
+    children.0.push(
+        in_ns(
+            SERVER,
+            Path::new("openssl"),
+            &["s_server", "-quiet", "-www", "-accept", "443"],
+        )
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?,
+    );
+
+    let mut gateway = in_ns(GATEWAY, daemon, &["run", "--config"])
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting tpacctd")?;
+    let lines = forward_log(gateway.stderr.take().context("tpacctd stderr")?);
+    children.0.push(gateway);
+    wait_for(&lines, "ready", Duration::from_secs(20))?;
+
+    eprintln!("\ndemo: client {CLIENT} → gateway {GATEWAY} (tpacctd) → server {SERVER}");
+    let mut round = 0;
+    while rounds.is_none_or(|n| round < n) && !stop.load(Ordering::SeqCst) {
+        round += 1;
+        traffic(&me)?;
+        // Let the closes reach the log before the next round or the end.
+        std::thread::sleep(Duration::from_millis(500));
+        if rounds.is_none() {
+            for _ in 0..50 {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    // UDP sessions close after their idle timeout (60 s); stopping the daemon closes them now.
+    if let Some(daemon) = children.0.last() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &daemon.id().to_string()])
+            .status();
+    }
+    if let Some(mut daemon) = children.0.pop() {
+        let _ = daemon.wait();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    eprintln!("demo: done; namespaces removed");
+    Ok(())
+}
+
+/// Copies tpacctd's log to our stderr and hands each line to the returned channel.
+fn forward_log(stderr: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("  tpacctd | {line}");
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
+fn wait_for(lines: &mpsc::Receiver<String>, needle: &str, within: Duration) -> Result<()> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return Ok(()),
+            Ok(_) => {}
+            Err(_) => bail!("tpacctd did not log {needle:?} within {within:?}"),
+        }
+    }
+}
+
+/// One round of client traffic: HTTP and HTTPS with curl, UDP with our own client.
+fn traffic(me: &Path) -> Result<()> {
+    let curl = |args: &[&str]| -> Result<String> {
+        let out = in_ns(CLIENT, Path::new("curl"), args)
+            .output()
+            .context("running curl in the client namespace")?;
+        if !out.status.success() {
+            bail!("curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let counts = "%{size_request} %{size_header} %{size_download}";
+    let http = curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        counts,
+        "-H",
+        &format!("Host: {TLS_NAME}"),
+        &format!("http://{SERVER_IP}/"),
+    ])?;
+    let [sent, header, body] = parse3(&http);
+    eprintln!(
+        "demo client | HTTP  {SERVER_IP}:80: sent {sent} B, received {} B (the gateway's log \
+         line for this flow should say up {sent} B, down {} B)",
+        header + body,
+        header + body
+    );
+    curl(&[
+        "-sk",
+        "-o",
+        "/dev/null",
+        "--resolve",
+        &format!("{TLS_NAME}:443:{SERVER_IP}"),
+        &format!("https://{TLS_NAME}/"),
+    ])?;
+    eprintln!(
+        "demo client | HTTPS {TLS_NAME} ({SERVER_IP}:443): done (TLS bytes counted by the gateway; SNI sniffed)"
+    );
+    let out = in_ns(CLIENT, me, &["demo-udp", &format!("{SERVER_IP}:5353")])
+        .output()
+        .context("UDP client")?;
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+fn parse3(text: &str) -> [u64; 3] {
+    let mut it = text.split_whitespace().map(|n| n.parse().unwrap_or(0));
+    [(); 3].map(|()| it.next().unwrap_or(0))
+}
+
+/// `demo-serve http|udp ADDR`, run inside the server namespace.
+pub fn serve(kind: &str, addr: &str) -> Result<()> {
+    match kind {
+        "http" => {
+            let listener = TcpListener::bind(addr)?;
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                std::thread::spawn(move || {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match conn.read(&mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let header = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {HTTP_BODY}\r\nConnection: close\r\n\r\n"
+                    );
+                    let _ = conn.write_all(header.as_bytes());
+                    let _ = conn.write_all(&vec![b'x'; HTTP_BODY]);
+                });
+            }
+            Ok(())
+        }
+        "udp" => {
+            let socket = UdpSocket::bind(addr)?;
+            let mut buf = vec![0u8; 65_536];
+            loop {
+                let (n, from) = socket.recv_from(&mut buf)?;
+                socket.send_to(&buf[..n], from)?;
+            }
+        }
+        other => bail!("unknown demo server {other}"),
+    }
+}
+
+/// `demo-udp ADDR`, run inside the client namespace: a few datagrams, each echoed.
+pub fn udp_client(addr: &str) -> Result<()> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = vec![0u8; 65_536];
+    let (mut sent, mut got) = (0, 0);
+    for size in UDP_SIZES {
+        socket.send_to(&vec![b'u'; size], addr)?;
+        let (n, from) = socket.recv_from(&mut buf)?;
+        if from.to_string() != addr {
+            bail!("reply came from {from}, not {addr}");
+        }
+        sent += size;
+        got += n;
+    }
+    eprintln!(
+        "demo client | UDP   {addr}: sent {sent} B, received {got} B in {} datagrams each way \
+         (one session; its line appears when it closes)",
+        UDP_SIZES.len()
+    );
+    Ok(())
+}
