@@ -72,9 +72,15 @@ fn main() -> Result<()> {
         }
         Command::Test => {
             setup::ensure()?;
-            test()?;
+            let tally = test()?;
             build()?;
-            demo::run(&daemon(&root), Some(1))
+            demo::run(&daemon(&root), Some(1))?;
+            // The closing line CI reads: every cargo test result, summed.
+            println!(
+                "tests: {} passed, {} failed, {} skipped",
+                tally.passed, tally.failed, tally.ignored
+            );
+            Ok(())
         }
         Command::DemoServe { kind, addr } => demo::serve(&kind, &addr),
         Command::DemoUdp { addr } => demo::udp_client(&addr),
@@ -96,7 +102,7 @@ fn build() -> Result<()> {
     process::run("cargo", &["build", "--release", "--package", "tpacct"])
 }
 
-fn test() -> Result<()> {
+fn test() -> Result<process::Tally> {
     process::run("cargo", &["fmt", "--all", "--check"])?;
     process::run(
         "cargo",
@@ -109,5 +115,5 @@ fn test() -> Result<()> {
             "warnings",
         ],
     )?;
-    process::run("cargo", &["test", "--workspace"])
+    process::run_tallied("cargo", &["test", "--workspace"])
 }
