@@ -6,7 +6,9 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{accounting::Accounting, config::Config, firewall, inbound, registry::Registry};
+use crate::{
+    accounting::Accounting, api, config::Config, firewall, inbound, registry::Registry, speed,
+};
 
 /// How long each shutdown stage waits for its tasks.
 const DRAIN: Duration = Duration::from_secs(5);
@@ -20,6 +22,8 @@ pub enum Error {
     Inbound(#[from] inbound::Error),
     #[error(transparent)]
     Firewall(#[from] firewall::Error),
+    #[error(transparent)]
+    Api(#[from] api::Error),
 }
 
 /// A group of tasks stopped together.
@@ -49,6 +53,7 @@ pub struct App {
     flows: Stage,
     registry: Arc<Registry>,
     listening: Vec<SocketAddr>,
+    api: Option<SocketAddr>,
     firewall: Option<firewall::Installed>,
 }
 
@@ -60,6 +65,10 @@ impl App {
         // First: accounting moves the process into its cgroup before any socket exists.
         let accounting = Accounting::start(&config.accounting(), &core.cancel, &core.tracker)?;
         let registry = Arc::new(Registry::new(accounting, config.closed_connections));
+        let (rates, sampler) = speed::start(registry.clone(), flows.cancel.clone());
+        flows.tracker.spawn(sampler);
+        let state = api::ApiState::new(registry.clone(), rates, config);
+        let api = api::start(config, state, &flows.cancel, &flows.tracker)?;
         let listening = inbound::start(config, registry.clone(), &flows.cancel, &flows.tracker)?;
         let firewall = match &config.tproxy_firewall {
             Some(fw) => match firewall::install(fw, config.tproxy_port, config.routing_mark) {
@@ -77,6 +86,7 @@ impl App {
             flows,
             registry,
             listening,
+            api,
             firewall,
         })
     }
@@ -89,6 +99,11 @@ impl App {
     /// The accounting front.
     pub fn accounting(&self) -> &Accounting {
         self.registry.accounting()
+    }
+
+    /// Where the Clash API listens, if on.
+    pub fn api(&self) -> Option<SocketAddr> {
+        self.api
     }
 
     /// Addresses the TPROXY inbound listens on.

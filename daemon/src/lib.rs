@@ -1,10 +1,12 @@
 //! tpacct: a transparent proxy daemon that accounts for every byte it relays.
 //!
 //! Modules in data-flow order: [`config`] → [`inbound`] → [`sniff`] → [`route`] →
-//! [`outbound`] → [`relay`] → [`accounting`] (with [`cgroup`]) → [`registry`]; [`firewall`]
-//! steers traffic in, and [`app`] wires it all together. See `ARCHITECTURE.md`.
+//! [`outbound`] → [`relay`] → [`accounting`] (with [`cgroup`]) → [`registry`] → [`speed`] →
+//! [`snapshot`] → [`api`]; [`firewall`] steers traffic in, and [`app`] wires it all together.
+//! See `ARCHITECTURE.md`.
 
 pub mod accounting;
+pub mod api;
 pub mod app;
 pub mod cgroup;
 pub mod config;
@@ -15,4 +17,6 @@ pub mod outbound;
 pub mod registry;
 pub mod relay;
 pub mod route;
+pub mod snapshot;
 pub mod sniff;
+pub mod speed;

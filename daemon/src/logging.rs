@@ -1,16 +1,121 @@
-//! Log output: `tracing` to stderr at mihomo's `log-level`, `RUST_LOG` overriding it. Records
-//! from the kernel programs (aya-log, through the `log` crate) arrive here too.
+//! Log output: `tracing` to stderr at mihomo's `log-level` (changeable at run time), records
+//! also broadcast for the API's `/logs`. `RUST_LOG` overrides the level at start. Records from
+//! the kernel programs (aya-log, through the `log` crate) arrive here too.
 
-use tracing_subscriber::EnvFilter;
+use std::sync::OnceLock;
+
+use tokio::sync::broadcast;
+use tracing::{Event, Subscriber, field::Visit};
+use tracing_subscriber::{EnvFilter, Layer, Registry, layer::Context, prelude::*, reload};
 
 use crate::config::LogLevel;
 
-/// Installs the global subscriber. Safe to call more than once (later calls do nothing).
-pub fn init(level: LogLevel) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level.directive()));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// One log record as `/logs` sends it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub level: LogLevel,
+    pub payload: String,
+}
+
+/// The installed logger's controls.
+#[derive(Debug)]
+pub struct Logging {
+    filter: reload::Handle<EnvFilter, Registry>,
+    records: broadcast::Sender<Record>,
+    level: std::sync::Mutex<LogLevel>,
+}
+
+static LOGGING: OnceLock<Logging> = OnceLock::new();
+
+/// Installs the global subscriber once; later calls return the first one's controls.
+pub fn init(level: LogLevel) -> &'static Logging {
+    LOGGING.get_or_init(|| {
+        let filter =
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level.directive()));
+        let (filter, handle) = reload::Layer::new(filter);
+        let (records, _) = broadcast::channel(1024);
+        let broadcast = Broadcast(records.clone());
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(broadcast)
+            .try_init();
+        Logging {
+            filter: handle,
+            records,
+            level: std::sync::Mutex::new(level),
+        }
+    })
+}
+
+/// The installed logger, if any.
+pub fn get() -> Option<&'static Logging> {
+    LOGGING.get()
+}
+
+impl Logging {
+    /// Changes the level at run time (`PATCH /configs`).
+    pub fn set_level(&self, level: LogLevel) {
+        if self
+            .filter
+            .modify(|f| *f = EnvFilter::new(level.directive()))
+            .is_ok()
+        {
+            *self.level.lock().unwrap_or_else(|p| p.into_inner()) = level;
+        }
+    }
+
+    pub fn level(&self) -> LogLevel {
+        *self.level.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every record from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Record> {
+        self.records.subscribe()
+    }
+}
+
+/// Sends each event to `/logs` subscribers.
+struct Broadcast(broadcast::Sender<Record>);
+
+impl<S: Subscriber> Layer<S> for Broadcast {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        if self.0.receiver_count() == 0 {
+            return;
+        }
+        let level = match *event.metadata().level() {
+            tracing::Level::ERROR => LogLevel::Error,
+            tracing::Level::WARN => LogLevel::Warning,
+            tracing::Level::INFO => LogLevel::Info,
+            _ => LogLevel::Debug,
+        };
+        let mut payload = Message(String::new());
+        event.record(&mut payload);
+        let _ = self.0.send(Record {
+            level,
+            payload: payload.0,
+        });
+    }
+}
+
+/// The formatted `message` field plus any others as `key=value`.
+struct Message(String);
+
+impl Visit for Message {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write;
+        if field.name() == "message" {
+            let _ = write!(self.0, "{value:?}");
+        } else {
+            let _ = write!(self.0, " {}={value:?}", field.name());
+        }
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.0.push_str(value);
+        } else {
+            self.record_debug(field, &value);
+        }
+    }
 }

@@ -155,6 +155,12 @@ pub struct Registry {
     closed_download: AtomicU64,
     /// How long closing waits for the kernel's final totals.
     grace: Duration,
+    /// Flows ever opened, and when the last one was.
+    opened: AtomicU64,
+    last_opened: Mutex<Option<SystemTime>>,
+    /// Held for writing while a flow moves from live to closed, for reading while totals are
+    /// summed, so no flow is counted twice or not at all.
+    moving: std::sync::RwLock<()>,
 }
 
 impl Registry {
@@ -167,6 +173,9 @@ impl Registry {
             closed_upload: AtomicU64::new(0),
             closed_download: AtomicU64::new(0),
             grace: Duration::from_secs(5),
+            opened: AtomicU64::new(0),
+            last_opened: Mutex::new(None),
+            moving: std::sync::RwLock::new(()),
         }
     }
 
@@ -187,7 +196,17 @@ impl Registry {
             close: CancellationToken::new(),
         });
         self.live.insert(flow.id, flow.clone());
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        *self.last_opened.lock().unwrap_or_else(|p| p.into_inner()) = Some(flow.start);
         flow
+    }
+
+    /// How many flows were ever opened, and when the last one was.
+    pub fn opened(&self) -> (u64, Option<SystemTime>) {
+        (
+            self.opened.load(Ordering::Relaxed),
+            *self.last_opened.lock().unwrap_or_else(|p| p.into_inner()),
+        )
     }
 
     /// The flow's counters now.
@@ -200,11 +219,14 @@ impl Registry {
     pub async fn finish(&self, flow: Arc<Flow>) {
         let totals = self.accounting.finish(&flow.tracked, self.grace).await;
         let traffic = flow.orient(totals);
-        self.live.remove(&flow.id);
-        self.closed_upload
-            .fetch_add(traffic.upload, Ordering::Relaxed);
-        self.closed_download
-            .fetch_add(traffic.download, Ordering::Relaxed);
+        {
+            let _moving = self.moving.write().unwrap_or_else(|p| p.into_inner());
+            self.live.remove(&flow.id);
+            self.closed_upload
+                .fetch_add(traffic.upload, Ordering::Relaxed);
+            self.closed_download
+                .fetch_add(traffic.download, Ordering::Relaxed);
+        }
         tracing::info!(
             "[{}] {} --> {}{} match {} using {} closed: up {} B, down {} B",
             flow.meta.network.as_str().to_uppercase(),
@@ -279,16 +301,22 @@ impl Registry {
 
     /// Bytes moved by every flow since start: closed flows' totals plus live flows' counters.
     pub fn totals(&self) -> Traffic {
-        let live = self
-            .live()
-            .into_iter()
-            .fold(Traffic::default(), |t, f| Traffic {
-                upload: t.upload + f.traffic.upload,
-                download: t.download + f.traffic.download,
-            });
-        Traffic {
-            upload: self.closed_upload.load(Ordering::Relaxed) + live.upload,
-            download: self.closed_download.load(Ordering::Relaxed) + live.download,
-        }
+        self.live_and_totals().1
+    }
+
+    /// The live flows and the totals, read consistently (no flow counted twice or missed
+    /// while it moves to the closed ring).
+    pub fn live_and_totals(&self) -> (Vec<LiveFlow>, Traffic) {
+        let _moving = self.moving.read().unwrap_or_else(|p| p.into_inner());
+        let live = self.live();
+        let sum = live.iter().fold(Traffic::default(), |t, f| Traffic {
+            upload: t.upload + f.traffic.upload,
+            download: t.download + f.traffic.download,
+        });
+        let totals = Traffic {
+            upload: self.closed_upload.load(Ordering::Relaxed) + sum.upload,
+            download: self.closed_download.load(Ordering::Relaxed) + sum.download,
+        };
+        (live, totals)
     }
 }

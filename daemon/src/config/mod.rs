@@ -54,6 +54,43 @@ pub struct Config {
     pub sniffer: SniffConfig,
     /// Firewall rules tpacct installs and removes itself (off unless given).
     pub tproxy_firewall: Option<FirewallConfig>,
+    /// mihomo's `external-controller`: where the Clash API listens (empty: off).
+    pub external_controller: String,
+    /// mihomo's `secret`: the API's bearer token (empty: no auth).
+    pub secret: String,
+    /// mihomo's `external-controller-cors`.
+    pub external_controller_cors: Cors,
+    /// mihomo's `mode`: `rule`, `global` or `direct`.
+    pub mode: Mode,
+}
+
+/// `external-controller-cors:`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct Cors {
+    /// Origins allowed to call the API; `*` allows any.
+    pub allow_origins: Vec<String>,
+    /// Answer Chrome's private-network preflight.
+    pub allow_private_network: bool,
+}
+
+impl Default for Cors {
+    fn default() -> Self {
+        Cors {
+            allow_origins: vec!["*".to_owned()],
+            allow_private_network: true,
+        }
+    }
+}
+
+/// mihomo's routing modes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Rule,
+    Global,
+    Direct,
 }
 
 /// Whole seconds, as config files give timeouts.
@@ -110,6 +147,10 @@ impl Default for Config {
             closed_connections: 1000,
             sniffer: SniffConfig::default(),
             tproxy_firewall: None,
+            external_controller: "127.0.0.1:9090".to_owned(),
+            secret: String::new(),
+            external_controller_cors: Cors::default(),
+            mode: Mode::default(),
         }
     }
 }
@@ -160,7 +201,9 @@ impl TryFrom<u64> for MaxSockets {
 }
 
 /// mihomo's log levels.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LogLevel {
     Debug,
@@ -315,6 +358,20 @@ impl Config {
                     "must differ from `routing-mark`".into(),
                 ));
             }
+        }
+        if !self.external_controller.is_empty()
+            && self
+                .external_controller
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return Err(invalid(
+                "external-controller",
+                format!(
+                    "`{}` is not an address:port (e.g. 127.0.0.1:9090; empty turns the API off)",
+                    self.external_controller
+                ),
+            ));
         }
         if self.closed_connections == 0 {
             return Err(invalid("closed-connections", "must be at least 1".into()));

@@ -1,0 +1,91 @@
+//! `/connections`: the live snapshot (HTTP, or a WebSocket pushing one every `interval` ms),
+//! the closed ring, and closing flows.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Json,
+    extract::{Path, Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::{
+    ApiError, ApiState,
+    streams::{self, MaybeWs},
+};
+use crate::snapshot;
+
+/// WebSocket pushes no faster than this.
+const MIN_INTERVAL_MS: u64 = 100;
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ListQuery {
+    interval: Option<String>,
+}
+
+pub(super) async fn list(
+    State(state): State<Arc<ApiState>>,
+    Query(q): Query<ListQuery>,
+    MaybeWs(ws): MaybeWs,
+) -> Result<Response, ApiError> {
+    let interval = match q.interval.as_deref() {
+        None | Some("") => 1000,
+        Some(v) => v
+            .parse::<u64>()
+            .map_err(|_| ApiError::bad_request(format!("interval: `{v}` is not milliseconds")))?,
+    }
+    .max(MIN_INTERVAL_MS);
+    let Some(ws) = ws else {
+        return Ok(Json(snapshot::snapshot(&state.registry, &state.rates.speeds)).into_response());
+    };
+    let frames = streams::every(Duration::from_millis(interval), move || {
+        serde_json::to_string(&snapshot::snapshot(&state.registry, &state.rates.speeds))
+            .unwrap_or_default()
+    });
+    Ok(streams::websocket(ws, frames))
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ClosedQuery {
+    limit: Option<String>,
+}
+
+pub(super) async fn closed(
+    State(state): State<Arc<ApiState>>,
+    Query(q): Query<ClosedQuery>,
+) -> Result<Response, ApiError> {
+    let limit = match q.limit.as_deref() {
+        None | Some("") => usize::MAX,
+        Some(v) => v
+            .parse::<usize>()
+            .map_err(|_| ApiError::bad_request(format!("limit: `{v}` is not a count")))?,
+    };
+    let closed: Vec<_> = state
+        .registry
+        .closed(limit)
+        .iter()
+        .map(snapshot::closed)
+        .collect();
+    Ok(Json(serde_json::json!({ "connections": closed })).into_response())
+}
+
+pub(super) async fn close_one(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| ApiError::bad_request(format!("`{id}` is not a connection id")))?;
+    if state.registry.close(&id) {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("no live connection {id}")))
+    }
+}
+
+pub(super) async fn close_all(State(state): State<Arc<ApiState>>) -> StatusCode {
+    state.registry.close_all();
+    StatusCode::NO_CONTENT
+}

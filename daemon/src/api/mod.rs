@@ -1,0 +1,165 @@
+//! The Clash external-controller API (axum): what dashboards such as metacubexd, zashboard
+//! and yacd speak, served from the registry and the rate sampler. Every error is JSON
+//! `{"message": ...}` with a 4xx/5xx status.
+
+mod auth;
+mod connections;
+mod meta;
+mod streams;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    Json, Router,
+    http::{HeaderValue, Method, StatusCode, header},
+    middleware,
+    response::{IntoResponse, Response},
+    routing::{delete, get},
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::{
+    config::{Config, Mode},
+    registry::Registry,
+    speed::Rates,
+};
+
+/// Errors starting the API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("external-controller: cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// What every handler reads.
+#[derive(Debug)]
+pub struct ApiState {
+    pub registry: Arc<Registry>,
+    pub rates: Rates,
+    pub config: Config,
+    pub mode: std::sync::Mutex<Mode>,
+    /// The GLOBAL selector's choice.
+    pub global: std::sync::Mutex<String>,
+}
+
+impl ApiState {
+    pub fn new(registry: Arc<Registry>, rates: Rates, config: &Config) -> Arc<ApiState> {
+        Arc::new(ApiState {
+            registry,
+            rates,
+            mode: std::sync::Mutex::new(config.mode),
+            config: config.clone(),
+            global: std::sync::Mutex::new("DIRECT".to_owned()),
+        })
+    }
+}
+
+/// A JSON error response.
+#[derive(Debug)]
+pub struct ApiError(pub StatusCode, pub String);
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::BAD_REQUEST, message.into())
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError(StatusCode::NOT_FOUND, message.into())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "message": self.1 }))).into_response()
+    }
+}
+
+/// The whole API.
+pub fn router(state: Arc<ApiState>) -> Router {
+    let api = Router::new()
+        .route("/", get(meta::hello))
+        .route("/version", get(meta::version))
+        .route(
+            "/connections",
+            get(connections::list).delete(connections::close_all),
+        )
+        .route("/connections/closed", get(connections::closed))
+        .route("/connections/{id}", delete(connections::close_one))
+        .route("/traffic", get(streams::traffic))
+        .route("/memory", get(streams::memory))
+        .route("/logs", get(streams::logs))
+        .route("/configs", get(meta::configs).patch(meta::patch_configs))
+        .route("/proxies", get(meta::proxies))
+        .route("/proxies/{name}", get(meta::proxy).put(meta::select))
+        .route("/group", get(meta::groups))
+        .route("/group/{name}", get(meta::group))
+        .route("/rules", get(meta::rules))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require))
+        .with_state(state.clone());
+    api.layer(cors(&state.config))
+}
+
+fn cors(config: &Config) -> CorsLayer {
+    let cors = &config.external_controller_cors;
+    let origins = if cors.allow_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            cors.allow_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
+    CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+        .allow_private_network(cors.allow_private_network)
+}
+
+/// Binds `external-controller` (if set) and serves the API on `tracker` until `cancel`.
+/// Returns the address bound.
+pub fn start(
+    config: &Config,
+    state: Arc<ApiState>,
+    cancel: &CancellationToken,
+    tracker: &tokio_util::task::TaskTracker,
+) -> Result<Option<SocketAddr>, Error> {
+    if config.external_controller.is_empty() {
+        return Ok(None);
+    }
+    let addr = config.external_controller.clone();
+    let bind_error = |source| Error::Bind {
+        addr: addr.clone(),
+        source,
+    };
+    let std_listener = std::net::TcpListener::bind(&addr).map_err(bind_error)?;
+    std_listener.set_nonblocking(true).map_err(bind_error)?;
+    let listener = TcpListener::from_std(std_listener).map_err(bind_error)?;
+    let local = listener.local_addr().map_err(bind_error)?;
+    tracing::info!("external-controller: Clash API on http://{local}");
+    let app = router(state);
+    let cancel = cancel.clone();
+    tracker.spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!("external-controller: {e}");
+        }
+    });
+    Ok(Some(local))
+}

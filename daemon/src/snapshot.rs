@@ -1,0 +1,190 @@
+//! The Clash JSON model of flows (`/connections`), built from the registry. Field for field
+//! what mihomo sends — ports as strings, text as strings, lists as lists, never null — plus
+//! tpacct's per-connection speeds and the closed-flow view.
+
+use std::{net::SocketAddr, time::SystemTime};
+
+use serde::Serialize;
+
+use crate::{
+    registry::{ClosedFlow, Flow, FlowMeta, Registry, Traffic},
+    speed::Speeds,
+};
+
+/// `GET /connections`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    pub download_total: u64,
+    pub upload_total: u64,
+    pub connections: Vec<Connection>,
+    pub memory: u64,
+}
+
+/// One live connection.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Connection {
+    pub id: String,
+    pub metadata: Metadata,
+    pub upload: u64,
+    pub download: u64,
+    pub start: String,
+    pub chains: Vec<String>,
+    pub provider_chains: Vec<String>,
+    pub rule: String,
+    pub rule_payload: String,
+    /// Bytes per second over the last second (tpacct only).
+    pub upload_speed: u64,
+    pub download_speed: u64,
+}
+
+/// One closed connection (`GET /connections/closed`, tpacct only).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Closed {
+    #[serde(flatten)]
+    pub connection: Connection,
+    pub closed_at: String,
+}
+
+/// mihomo's connection metadata.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Metadata {
+    pub network: &'static str,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(rename = "sourceIP")]
+    pub source_ip: String,
+    #[serde(rename = "destinationIP")]
+    pub destination_ip: String,
+    #[serde(rename = "sourceGeoIP")]
+    pub source_geo_ip: Vec<String>,
+    #[serde(rename = "destinationGeoIP")]
+    pub destination_geo_ip: Vec<String>,
+    #[serde(rename = "sourceIPASN")]
+    pub source_ip_asn: String,
+    #[serde(rename = "destinationIPASN")]
+    pub destination_ip_asn: String,
+    pub source_port: String,
+    pub destination_port: String,
+    #[serde(rename = "inboundIP")]
+    pub inbound_ip: String,
+    pub inbound_port: String,
+    pub inbound_name: String,
+    pub inbound_user: String,
+    pub host: String,
+    pub dns_mode: &'static str,
+    pub uid: u32,
+    pub process: String,
+    pub process_path: String,
+    pub special_proxy: String,
+    pub special_rules: String,
+    pub remote_destination: String,
+    pub dscp: u8,
+    pub sniff_host: String,
+}
+
+/// RFC 3339 with nanoseconds, UTC, as mihomo writes times.
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_nanos(t).to_string()
+}
+
+fn metadata(meta: &FlowMeta, host: Option<&str>, dialed: Option<SocketAddr>) -> Metadata {
+    let host = host.unwrap_or_default().to_owned();
+    Metadata {
+        network: meta.network.as_str(),
+        kind: meta.inbound_type,
+        source_ip: meta.source.ip().to_string(),
+        destination_ip: meta.destination.ip().to_string(),
+        source_geo_ip: Vec::new(),
+        destination_geo_ip: Vec::new(),
+        source_ip_asn: String::new(),
+        destination_ip_asn: String::new(),
+        source_port: meta.source.port().to_string(),
+        destination_port: meta.destination.port().to_string(),
+        inbound_ip: meta.inbound.ip().to_string(),
+        inbound_port: meta.inbound.port().to_string(),
+        inbound_name: meta.inbound_name.clone(),
+        inbound_user: String::new(),
+        host: host.clone(),
+        dns_mode: "normal",
+        uid: 0,
+        process: String::new(),
+        process_path: String::new(),
+        special_proxy: String::new(),
+        special_rules: String::new(),
+        remote_destination: dialed.map(|a| a.ip().to_string()).unwrap_or_default(),
+        dscp: 0,
+        sniff_host: host,
+    }
+}
+
+fn connection(
+    id: uuid::Uuid,
+    meta: &FlowMeta,
+    host: Option<&str>,
+    dialed: Option<SocketAddr>,
+    start: SystemTime,
+    traffic: Traffic,
+    speed: Traffic,
+) -> Connection {
+    Connection {
+        id: id.to_string(),
+        metadata: metadata(meta, host, dialed),
+        upload: traffic.upload,
+        download: traffic.download,
+        start: rfc3339(start),
+        chains: meta.route.chains.clone(),
+        provider_chains: vec![String::new(); meta.route.chains.len()],
+        rule: meta.route.rule.clone(),
+        rule_payload: meta.route.payload.clone(),
+        upload_speed: speed.upload,
+        download_speed: speed.download,
+    }
+}
+
+/// A live flow in Clash's shape.
+pub fn live(flow: &Flow, traffic: Traffic, speed: Traffic) -> Connection {
+    connection(
+        flow.id,
+        &flow.meta,
+        flow.sniffed_host(),
+        flow.dialed(),
+        flow.start,
+        traffic,
+        speed,
+    )
+}
+
+/// A closed flow in Clash's shape, with `closedAt`.
+pub fn closed(flow: &ClosedFlow) -> Closed {
+    Closed {
+        connection: connection(
+            flow.id,
+            &flow.meta,
+            flow.sniffed_host.as_deref(),
+            flow.dialed,
+            flow.start,
+            flow.traffic,
+            Traffic::default(),
+        ),
+        closed_at: rfc3339(flow.closed_at),
+    }
+}
+
+/// `GET /connections` now.
+pub fn snapshot(registry: &Registry, speeds: &Speeds) -> Snapshot {
+    let (live, totals) = registry.live_and_totals();
+    Snapshot {
+        download_total: totals.download,
+        upload_total: totals.upload,
+        connections: live.iter().map(|f| live_connection(f, speeds)).collect(),
+        memory: crate::speed::rss(),
+    }
+}
+
+fn live_connection(f: &crate::registry::LiveFlow, speeds: &Speeds) -> Connection {
+    live(&f.flow, f.traffic, speeds.of(&f.flow.id))
+}
