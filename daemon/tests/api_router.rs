@@ -1,0 +1,458 @@
+//! The Clash API router, request by request (`oneshot`): every endpoint, auth on and off,
+//! CORS preflight, bad input as JSON 4xx, and JSON shapes checked key by key and type by type
+//! against the captures from a real mihomo in `../shared/reference/`.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use axum::{
+    Router,
+    body::Body,
+    http::{Request, StatusCode, header},
+};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tower::ServiceExt;
+use tpacct::{
+    accounting::Accounting,
+    api::{ApiState, router},
+    config::{AccountingMode, AccountingSettings, Config},
+    registry::{FlowMeta, Leg, Network, Registry},
+    route::Router as Routes,
+    speed,
+};
+
+struct Api {
+    router: Router,
+    registry: Arc<Registry>,
+    // Kept alive: the flow's socket pair.
+    _sockets: Vec<tokio::net::TcpStream>,
+}
+
+async fn api(secret: &str) -> Api {
+    let accounting = Accounting::start(
+        &AccountingSettings::with_mode(AccountingMode::Userspace),
+        &CancellationToken::new(),
+        &TaskTracker::new(),
+    )
+    .expect("userspace accounting");
+    let registry = Arc::new(Registry::new(accounting, 10));
+    let (rates, _sampler) = speed::start(registry.clone(), CancellationToken::new());
+    let config = Config {
+        secret: secret.to_owned(),
+        ..Config::default()
+    };
+    Api {
+        router: router(ApiState::new(registry.clone(), rates, &config)),
+        registry,
+        _sockets: Vec::new(),
+    }
+}
+
+/// Registers one TCP flow over a real loopback socket pair, with 1234 B up and 5678 B down.
+async fn with_flow(api: &mut Api) -> uuid::Uuid {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+    let (client, (server, source)) = (client.expect("connect"), accepted.expect("accept"));
+    let tracked = api.registry.accounting().track(&server).expect("track");
+    tracked.meter().add_rx(1234);
+    tracked.meter().add_tx(5678);
+    let destination: SocketAddr = "93.184.216.34:443".parse().expect("addr");
+    let flow = api.registry.open(
+        FlowMeta {
+            network: Network::Tcp,
+            inbound_type: "TProxy",
+            inbound_name: "DEFAULT-TPROXY".into(),
+            source,
+            destination,
+            inbound: "10.0.0.1:7893".parse().expect("addr"),
+            route: Routes.route(),
+        },
+        tracked,
+        Leg::Client,
+    );
+    flow.set_sniffed_host("example.com".into());
+    flow.set_dialed(destination);
+    api._sockets.extend([client, server]);
+    flow.id
+}
+
+async fn call(api: &Api, req: Request<Body>) -> (StatusCode, Value, axum::http::HeaderMap) {
+    let resp = api.router.clone().oneshot(req).await.expect("response");
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
+    let json = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+    };
+    (status, json, headers)
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).expect("request")
+}
+
+fn with_body(method: &str, uri: &str, body: &str) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_owned()))
+        .expect("request")
+}
+
+/// First line of a streaming (chunked) response.
+async fn first_line(api: &Api, uri: &str) -> Value {
+    let resp = api
+        .router
+        .clone()
+        .oneshot(get(uri))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK, "{uri}");
+    let mut body = resp.into_body();
+    let frame = body.frame().await.expect("a frame").expect("frame ok");
+    let data = frame.into_data().expect("data");
+    let line = String::from_utf8_lossy(&data);
+    serde_json::from_str(line.lines().next().expect("a line")).expect("json line")
+}
+
+fn reference(name: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/reference/mihomo-v1.19.23")
+        .join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (CI keeps shared/ beside the clone)",
+            path.display()
+        )
+    });
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    serde_json::from_str(&text).unwrap_or_else(|_| serde_json::from_str(first).expect("json"))
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Every key of `theirs` is in `ours` with the same JSON type (mihomo's `null` lists may be
+/// `[]` here); with `all_keys` false, only keys both have are compared.
+fn same_shape(path: &str, ours: &Value, theirs: &Value, all_keys: bool) {
+    match (ours, theirs) {
+        (_, Value::Null) => {}
+        (Value::Object(o), Value::Object(t)) => {
+            for (k, tv) in t {
+                match o.get(k) {
+                    Some(ov) => same_shape(&format!("{path}.{k}"), ov, tv, all_keys),
+                    None if all_keys => panic!("{path}.{k} is missing (mihomo sends it)"),
+                    None => {}
+                }
+            }
+        }
+        (Value::Array(o), Value::Array(t)) => {
+            if let (Some(ov), Some(tv)) = (o.first(), t.first()) {
+                same_shape(&format!("{path}[0]"), ov, tv, all_keys);
+            }
+        }
+        (o, t) => assert_eq!(kind(o), kind(t), "{path}: ours {o}, mihomo's {t}"),
+    }
+}
+
+#[tokio::test]
+async fn root_and_version() {
+    let api = api("").await;
+    let (s, body, _) = call(&api, get("/")).await;
+    assert_eq!((s, body["hello"].as_str()), (StatusCode::OK, Some("clash")));
+    let (s, body, _) = call(&api, get("/version")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        body["version"],
+        format!("tpacct {}", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(body["meta"], true);
+    same_shape("version", &body, &reference("version.json"), true);
+}
+
+#[tokio::test]
+async fn auth_on_needs_the_bearer_token_and_token_only_on_websocket() {
+    let api = api("s3cr3t").await;
+    for req in [
+        get("/connections"),
+        Request::get("/connections")
+            .header(header::AUTHORIZATION, "Bearer wrong")
+            .body(Body::empty())
+            .expect("r"),
+        get("/connections?token=s3cr3t"),
+    ] {
+        let (s, body, _) = call(&api, req).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED);
+        assert_eq!(body, reference("noauth.json"));
+    }
+    let ok = Request::get("/connections")
+        .header(header::AUTHORIZATION, "Bearer s3cr3t")
+        .body(Body::empty())
+        .expect("r");
+    assert_eq!(call(&api, ok).await.0, StatusCode::OK);
+    let upgrade = Request::get("/connections?token=s3cr3t")
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "upgrade")
+        .body(Body::empty())
+        .expect("r");
+    assert_ne!(call(&api, upgrade).await.0, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn auth_off_lets_everything_through() {
+    let api = api("").await;
+    assert_eq!(call(&api, get("/connections")).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn cors_preflight_needs_no_token() {
+    let api = api("s3cr3t").await;
+    let preflight = Request::builder()
+        .method("OPTIONS")
+        .uri("/connections/x")
+        .header(header::ORIGIN, "http://dashboard.example")
+        .header(header::ACCESS_CONTROL_REQUEST_METHOD, "DELETE")
+        .header(
+            header::ACCESS_CONTROL_REQUEST_HEADERS,
+            "authorization,content-type",
+        )
+        .header("access-control-request-private-network", "true")
+        .body(Body::empty())
+        .expect("r");
+    let (s, _, h) = call(&api, preflight).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(h[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+    let methods = h[header::ACCESS_CONTROL_ALLOW_METHODS]
+        .to_str()
+        .expect("ascii");
+    assert!(
+        methods.contains("DELETE") && methods.contains("PATCH"),
+        "{methods}"
+    );
+    let headers = h[header::ACCESS_CONTROL_ALLOW_HEADERS]
+        .to_str()
+        .expect("ascii")
+        .to_ascii_lowercase();
+    assert!(
+        headers.contains("authorization") && headers.contains("content-type"),
+        "{headers}"
+    );
+    assert_eq!(h["access-control-allow-private-network"], "true");
+}
+
+#[tokio::test]
+async fn connections_live_closed_and_closing() {
+    let mut api = api("").await;
+    let (s, empty, _) = call(&api, get("/connections")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        empty["connections"],
+        Value::Array(vec![]),
+        "[] when empty, never null"
+    );
+
+    let id = with_flow(&mut api).await;
+    let (_, body, _) = call(&api, get("/connections")).await;
+    let conn = &body["connections"][0];
+    assert_eq!(conn["id"], id.to_string());
+    assert_eq!(
+        (conn["upload"].as_u64(), conn["download"].as_u64()),
+        (Some(1234), Some(5678))
+    );
+    assert_eq!(conn["metadata"]["destinationPort"], "443");
+    assert_eq!(conn["metadata"]["host"], "example.com");
+    assert_eq!(conn["metadata"]["sniffHost"], "example.com");
+    assert_eq!(conn["metadata"]["remoteDestination"], "93.184.216.34");
+    assert_eq!(conn["chains"], serde_json::json!(["DIRECT"]));
+    assert_eq!(
+        (body["uploadTotal"].as_u64(), body["downloadTotal"].as_u64()),
+        (Some(1234), Some(5678))
+    );
+    assert!(conn.get("uploadSpeed").is_some() && conn.get("downloadSpeed").is_some());
+    same_shape(
+        "connections",
+        &body,
+        &reference("tproxy_connections.json"),
+        true,
+    );
+
+    for (uri, status) in [
+        ("/connections/not-a-uuid", StatusCode::BAD_REQUEST),
+        (
+            "/connections/3f2504e0-4f89-41d3-9a0c-0305e82c3301",
+            StatusCode::NOT_FOUND,
+        ),
+    ] {
+        let (s, body, _) = call(&api, Request::delete(uri).body(Body::empty()).expect("r")).await;
+        assert_eq!(s, status, "{uri}");
+        assert!(body["message"].is_string(), "{uri}: {body}");
+    }
+    let flow = api.registry.get(&id).expect("live");
+    let (s, _, _) = call(
+        &api,
+        Request::delete(format!("/connections/{id}"))
+            .body(Body::empty())
+            .expect("r"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(flow.close_token().is_cancelled(), "DELETE closes that flow");
+
+    let other = with_flow(&mut api).await;
+    let other = api.registry.get(&other).expect("live");
+    let (s, _, _) = call(
+        &api,
+        Request::delete("/connections")
+            .body(Body::empty())
+            .expect("r"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(
+        other.close_token().is_cancelled(),
+        "DELETE /connections closes all"
+    );
+
+    api.registry.finish(flow).await;
+    let (s, body, _) = call(&api, get("/connections/closed?limit=5")).await;
+    assert_eq!(s, StatusCode::OK);
+    let closed = &body["connections"][0];
+    assert_eq!(closed["id"], id.to_string());
+    assert_eq!(closed["upload"], 1234);
+    assert!(
+        closed["closedAt"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{closed}"
+    );
+    let (_, none, _) = call(&api, get("/connections/closed?limit=0")).await;
+    assert_eq!(none["connections"], Value::Array(vec![]));
+}
+
+#[tokio::test]
+async fn bad_query_values_are_json_400s() {
+    let api = api("").await;
+    for uri in [
+        "/connections?interval=soon",
+        "/connections/closed?limit=-1",
+        "/logs?level=loud",
+    ] {
+        let (s, body, _) = call(&api, get(uri)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{uri}: {body}"
+        );
+    }
+    let (s, body, _) = call(&api, get("/no/such/thing")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(body["message"].is_string());
+}
+
+#[tokio::test]
+async fn traffic_and_memory_stream_lines() {
+    let api = api("").await;
+    let traffic = first_line(&api, "/traffic").await;
+    same_shape("traffic", &traffic, &reference("traffic_http.txt"), true);
+    let memory = first_line(&api, "/memory").await;
+    same_shape("memory", &memory, &reference("memory_http.txt"), true);
+    assert!(
+        memory["inuse"].as_u64().is_some_and(|m| m > 0),
+        "real RSS: {memory}"
+    );
+}
+
+#[tokio::test]
+async fn configs_read_and_patch() {
+    let api = api("").await;
+    let (s, body, _) = call(&api, get("/configs")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body["tproxy-port"], 7893);
+    assert_eq!(body["mode"], "rule");
+    same_shape("configs", &body, &reference("tproxy_configs.json"), false);
+
+    let (s, _, _) = call(&api, with_body("PATCH", "/configs", r#"{"mode":"Global"}"#)).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(call(&api, get("/configs")).await.1["mode"], "global");
+    for bad in [
+        r#"{"mode":"sideways"}"#,
+        r#"{"log-level":"loud"}"#,
+        "{not json",
+    ] {
+        let (s, body, _) = call(&api, with_body("PATCH", "/configs", bad)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(body["message"].is_string(), "{bad}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn proxies_groups_and_rules() {
+    let api = api("").await;
+    let (s, body, _) = call(&api, get("/proxies")).await;
+    assert_eq!(s, StatusCode::OK);
+    let mihomo = reference("proxies.json");
+    same_shape(
+        "proxies.DIRECT",
+        &body["proxies"]["DIRECT"],
+        &mihomo["proxies"]["DIRECT"],
+        true,
+    );
+    same_shape(
+        "proxies.REJECT",
+        &body["proxies"]["REJECT"],
+        &mihomo["proxies"]["REJECT"],
+        true,
+    );
+    same_shape(
+        "proxies.GLOBAL",
+        &body["proxies"]["GLOBAL"],
+        &mihomo["proxies"]["GLOBAL"],
+        true,
+    );
+    assert_eq!(
+        call(&api, get("/proxies/NOPE")).await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    let (s, _, _) = call(
+        &api,
+        with_body("PUT", "/proxies/GLOBAL", r#"{"name":"REJECT"}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(call(&api, get("/proxies/GLOBAL")).await.1["now"], "REJECT");
+    for (uri, body) in [
+        ("/proxies/GLOBAL", r#"{"name":"ELSEWHERE"}"#),
+        ("/proxies/DIRECT", r#"{"name":"REJECT"}"#),
+        ("/proxies/GLOBAL", "[]"),
+    ] {
+        let (s, reply, _) = call(&api, with_body("PUT", uri, body)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri} {body}");
+        assert!(reply["message"].is_string());
+    }
+
+    let (_, groups, _) = call(&api, get("/group")).await;
+    same_shape("group", &groups, &reference("group.json"), true);
+    assert_eq!(call(&api, get("/group/GLOBAL")).await.0, StatusCode::OK);
+    assert_eq!(
+        call(&api, get("/group/NOPE")).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (_, rules, _) = call(&api, get("/rules")).await;
+    same_shape("rules", &rules, &reference("rules.json"), true);
+}
