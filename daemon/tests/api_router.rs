@@ -2,7 +2,7 @@
 //! CORS preflight, bad input as JSON 4xx, and JSON shapes checked key by key and type by type
 //! against the captures from a real mihomo in `../shared/reference/`.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use axum::{
     Router,
@@ -455,4 +455,140 @@ async fn proxies_groups_and_rules() {
     );
     let (_, rules, _) = call(&api, get("/rules")).await;
     same_shape("rules", &rules, &reference("rules.json"), true);
+}
+
+/// An HTTP server on loopback answering every request with `status`, or never (`None`).
+async fn test_server(status: Option<u16>) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf).await;
+                match status {
+                    Some(code) => {
+                        let reply =
+                            format!("HTTP/1.1 {code} Whatever\r\nContent-Length: 0\r\n\r\n");
+                        let _ = conn.write_all(reply.as_bytes()).await;
+                    }
+                    None => tokio::time::sleep(Duration::from_secs(30)).await,
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn delay_tests_run_a_real_head_and_keep_one_history() {
+    let api = api("").await;
+    let ok = test_server(Some(204)).await;
+    let silent = test_server(None).await;
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+
+    let (s, body, _) = call(
+        &api,
+        get(&format!(
+            "/proxies/DIRECT/delay?url=http://{ok}/generate_204&timeout=2000&expected=204"
+        )),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert!(body["delay"].as_u64().is_some_and(|d| d < 2000), "{body}");
+    let history = call(&api, get("/proxies")).await.1["proxies"]["DIRECT"]["history"].clone();
+    assert_eq!(history.as_array().map(Vec::len), Some(1), "{history}");
+    assert_eq!(history[0]["delay"], body["delay"]);
+    same_shape(
+        "history",
+        &history[0],
+        &serde_json::json!({"time": "", "delay": 0}),
+        true,
+    );
+
+    // A timeout is a 504 and removes the entry.
+    let (s, body, _) = call(
+        &api,
+        get(&format!(
+            "/proxies/DIRECT/delay?url=http://{silent}/&timeout=300"
+        )),
+    )
+    .await;
+    assert_eq!(
+        (s, body["message"].as_str()),
+        (StatusCode::GATEWAY_TIMEOUT, Some("Timeout"))
+    );
+    assert_eq!(
+        call(&api, get("/proxies/DIRECT")).await.1["history"],
+        serde_json::json!([])
+    );
+
+    // Errors are 503s: refused, an unexpected status, REJECT.
+    for uri in [
+        format!("/proxies/DIRECT/delay?url=http://{refused}/&timeout=2000"),
+        format!("/proxies/DIRECT/delay?url=http://{ok}/&timeout=2000&expected=200"),
+        format!("/proxies/REJECT/delay?url=http://{ok}/&timeout=2000"),
+    ] {
+        let (s, body, _) = call(&api, get(&uri)).await;
+        assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{uri}: {body}");
+        assert!(body["message"].is_string());
+    }
+
+    // Bad parameters are 400s; unknown proxies 404s.
+    for uri in [
+        "/proxies/DIRECT/delay?timeout=100".to_owned(),
+        format!("/proxies/DIRECT/delay?url=http://{ok}/"),
+        format!("/proxies/DIRECT/delay?url=http://{ok}/&timeout=soon"),
+        format!("/proxies/DIRECT/delay?url=http://{ok}/&timeout=100&expected=2xx"),
+        "/proxies/DIRECT/delay?url=not%20a%20url&timeout=100".to_owned(),
+    ] {
+        assert_eq!(
+            call(&api, get(&uri)).await.0,
+            StatusCode::BAD_REQUEST,
+            "{uri}"
+        );
+    }
+    assert_eq!(
+        call(
+            &api,
+            get(&format!("/proxies/NOPE/delay?url=http://{ok}/&timeout=100"))
+        )
+        .await
+        .0,
+        StatusCode::NOT_FOUND
+    );
+
+    // A group tests each member; GLOBAL's own test goes through its selection.
+    let (s, body, _) = call(
+        &api,
+        get(&format!(
+            "/group/GLOBAL/delay?url=http://{ok}/&timeout=2000"
+        )),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        body["DIRECT"].is_u64() && body.get("REJECT").is_none(),
+        "{body}"
+    );
+    let (s, _, _) = call(
+        &api,
+        get(&format!(
+            "/proxies/GLOBAL/delay?url=http://{ok}/&timeout=2000"
+        )),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        call(&api, get("/proxies/GLOBAL")).await.1["history"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
 }

@@ -116,9 +116,9 @@ pub(super) async fn patch_configs(
 const LEAVES: [(&str, &str); 2] = [("DIRECT", "Direct"), ("REJECT", "Reject")];
 const GLOBAL: &str = "GLOBAL";
 
-fn leaf(name: &str, kind: &str, mark: u32) -> Value {
+fn leaf(state: &ApiState, name: &str, kind: &str, mark: u32) -> Value {
     json!({
-        "alive": true, "dialer-proxy": "", "extra": {}, "history": [], "id": "",
+        "alive": true, "dialer-proxy": "", "extra": {}, "history": state.delays.of(name), "id": "",
         "interface": "", "mptcp": false, "name": name, "provider-name": "",
         "routing-mark": mark, "smux": false, "tfo": false, "type": kind, "udp": true,
         "uot": false, "xudp": false,
@@ -133,7 +133,7 @@ fn global(state: &ApiState) -> Value {
         .clone();
     json!({
         "alive": true, "all": LEAVES.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
-        "dialer-proxy": "", "extra": {}, "hidden": false, "history": [], "icon": "",
+        "dialer-proxy": "", "extra": {}, "hidden": false, "history": state.delays.of(GLOBAL), "icon": "",
         "interface": "", "mptcp": false, "name": GLOBAL, "now": now, "provider-name": "",
         "routing-mark": 0, "smux": false, "testUrl": "", "tfo": false, "type": "Selector",
         "udp": true, "uot": false, "xudp": false,
@@ -148,17 +148,41 @@ fn find(state: &ApiState, name: &str) -> Result<Value, ApiError> {
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(n, kind)| {
-            leaf(
-                n,
-                kind,
-                if *n == "DIRECT" {
-                    state.config.routing_mark
-                } else {
-                    0
-                },
-            )
+            let mark = if *n == "DIRECT" {
+                state.config.routing_mark
+            } else {
+                0
+            };
+            leaf(state, n, kind, mark)
         })
         .ok_or_else(|| ApiError::not_found(format!("no proxy named `{name}`")))
+}
+
+/// 404 unless `name` is a proxy.
+pub(super) fn exists(state: &ApiState, name: &str) -> Result<(), ApiError> {
+    find(state, name).map(drop)
+}
+
+/// The leaf a proxy name stands for now (a group: its selection).
+pub(super) fn resolve(state: &ApiState, name: &str) -> String {
+    if name == GLOBAL {
+        state
+            .global
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    } else {
+        name.to_owned()
+    }
+}
+
+/// The members of group `name`.
+pub(super) fn members(name: &str) -> Result<Vec<&'static str>, ApiError> {
+    if name == GLOBAL {
+        Ok(LEAVES.iter().map(|(n, _)| *n).collect())
+    } else {
+        Err(ApiError::not_found(format!("no group named `{name}`")))
+    }
 }
 
 pub(super) async fn proxies(State(state): State<Arc<ApiState>>) -> Json<Value> {

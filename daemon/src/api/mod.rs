@@ -4,6 +4,7 @@
 
 mod auth;
 mod connections;
+mod delay;
 mod meta;
 mod streams;
 
@@ -45,6 +46,10 @@ pub struct ApiState {
     pub mode: std::sync::Mutex<Mode>,
     /// The GLOBAL selector's choice.
     pub global: std::sync::Mutex<String>,
+    /// Dials delay tests.
+    pub direct: crate::outbound::Direct,
+    /// Latest delay per proxy.
+    pub delays: delay::History,
 }
 
 impl ApiState {
@@ -55,6 +60,8 @@ impl ApiState {
             mode: std::sync::Mutex::new(config.mode),
             config: config.clone(),
             global: std::sync::Mutex::new("DIRECT".to_owned()),
+            direct: crate::outbound::Direct::new(config),
+            delays: delay::History::default(),
         })
     }
 }
@@ -97,7 +104,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/proxies", get(meta::proxies))
         .route("/proxies/{name}", get(meta::proxy).put(meta::select))
         .route("/group", get(meta::groups))
+        .route("/proxies/{name}/delay", get(delay::proxy))
         .route("/group/{name}", get(meta::group))
+        .route("/group/{name}/delay", get(delay::group))
         .route("/rules", get(meta::rules))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require))
