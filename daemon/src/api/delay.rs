@@ -69,9 +69,9 @@ impl DelayQuery {
             .ok_or_else(|| ApiError::bad_request("url: missing"))?;
         let url = url::Url::parse(raw)
             .map_err(|e| ApiError::bad_request(format!("url: `{raw}`: {e}")))?;
-        if url.scheme() != "http" {
+        if !matches!(url.scheme(), "http" | "https") {
             return Err(ApiError::bad_request(format!(
-                "url: `{raw}`: only http:// test URLs are supported so far"
+                "url: `{raw}`: test URLs are http:// or https://"
             )));
         }
         if url.host_str().is_none() {
@@ -120,7 +120,57 @@ enum Failure {
     Error(String),
 }
 
-/// One timed HEAD request through DIRECT.
+/// Mozilla's roots, ring as the crypto provider; built once.
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, Failure> {
+    static CONFIG: std::sync::OnceLock<Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    if let Some(config) = CONFIG.get() {
+        return Ok(config.clone());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| Failure::Error(format!("TLS setup: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(CONFIG.get_or_init(|| Arc::new(config)).clone())
+}
+
+/// Sends HEAD for `url` over `conn` and returns the response's status code.
+async fn head<S>(conn: &mut S, url: &url::Url, host: &str) -> Result<u16, Failure>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let path = &url[url::Position::BeforePath..url::Position::AfterQuery];
+    let request = format!(
+        "HEAD {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tpacct/{}\r\nConnection: close\r\n\r\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    let io = |e: std::io::Error| Failure::Error(e.to_string());
+    conn.write_all(request.as_bytes()).await.map_err(io)?;
+    conn.flush().await.map_err(io)?;
+    let mut head = Vec::with_capacity(64);
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n") && head.len() < 1024 {
+        match conn.read(&mut byte).await.map_err(io)? {
+            1 => head.push(byte[0]),
+            _ => {
+                return Err(Failure::Error(
+                    "connection closed before a status line".into(),
+                ));
+            }
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| Failure::Error(format!("not an HTTP status line: {line:?}")))
+}
+
+/// One timed HEAD request through DIRECT (TLS for https).
 async fn measure(direct: &Direct, test: &Test) -> Result<u64, Failure> {
     let start = Instant::now();
     let run = async {
@@ -135,33 +185,17 @@ async fn measure(direct: &Direct, test: &Test) -> Result<u64, Failure> {
             .connect_tcp(addr)
             .await
             .map_err(|e| Failure::Error(e.to_string()))?;
-        let path = &test.url[url::Position::BeforePath..url::Position::AfterQuery];
-        let request = format!(
-            "HEAD {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: tpacct/{}\r\nConnection: close\r\n\r\n",
-            env!("CARGO_PKG_VERSION")
-        );
-        conn.write_all(request.as_bytes())
-            .await
-            .map_err(|e| Failure::Error(e.to_string()))?;
-        let mut head = Vec::with_capacity(64);
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n") && head.len() < 1024 {
-            match conn.read(&mut byte).await {
-                Ok(1) => head.push(byte[0]),
-                Ok(_) => {
-                    return Err(Failure::Error(
-                        "connection closed before a status line".into(),
-                    ));
-                }
-                Err(e) => return Err(Failure::Error(e.to_string())),
-            }
-        }
-        let line = String::from_utf8_lossy(&head);
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| Failure::Error(format!("not an HTTP status line: {line:?}")))?;
+        let status = if test.url.scheme() == "https" {
+            let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                .map_err(|e| Failure::Error(format!("{host}: {e}")))?;
+            let mut tls = tokio_rustls::TlsConnector::from(tls_config()?)
+                .connect(name, conn)
+                .await
+                .map_err(|e| Failure::Error(format!("TLS with {host}: {e}")))?;
+            head(&mut tls, &test.url, host).await?
+        } else {
+            head(&mut conn, &test.url, host).await?
+        };
         if !test.expected.is_empty()
             && !test
                 .expected
