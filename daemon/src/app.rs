@@ -7,7 +7,13 @@ use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    accounting::Accounting, api, config::Config, firewall, inbound, registry::Registry, speed,
+    accounting::Accounting,
+    api,
+    config::Config,
+    firewall, inbound,
+    registry::Registry,
+    route::{Router, Selection},
+    speed,
 };
 
 /// How long each shutdown stage waits for its tasks.
@@ -67,9 +73,16 @@ impl App {
         let registry = Arc::new(Registry::new(accounting, config.closed_connections));
         let (rates, sampler) = speed::start(registry.clone(), flows.cancel.clone());
         flows.tracker.spawn(sampler);
-        let state = api::ApiState::new(registry.clone(), rates, config);
+        let selection = Selection::new(config.mode);
+        let state = api::ApiState::new(registry.clone(), rates, config, selection.clone());
         let api = api::start(config, state, &flows.cancel, &flows.tracker)?;
-        let listening = inbound::start(config, registry.clone(), &flows.cancel, &flows.tracker)?;
+        let listening = inbound::start(
+            config,
+            registry.clone(),
+            Router::new(selection),
+            &flows.cancel,
+            &flows.tracker,
+        )?;
         let firewall = match &config.tproxy_firewall {
             Some(fw) => match firewall::install(fw, config.tproxy_port, config.routing_mark) {
                 Ok(installed) => Some(installed),

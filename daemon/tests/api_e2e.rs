@@ -19,7 +19,16 @@ const API: &str = "127.0.0.1:9090";
 
 /// A plain HTTP/1.1 request to the API from inside the gateway namespace.
 fn http(topo: &Topology, method: &str, path: &str) -> (u16, Value) {
-    let request = format!("{method} {path} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n");
+    http_with(topo, method, path, "")
+}
+
+/// [`http`] with a JSON body.
+fn http_with(topo: &Topology, method: &str, path: &str, body: &str) -> (u16, Value) {
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     Topology::run_in(&topo.gateway, move || {
         let mut conn = TcpStream::connect(API).expect("connect to the API");
         conn.write_all(request.as_bytes()).expect("request");
@@ -297,6 +306,78 @@ fn traffic_deltas_add_up_to_the_bytes_moved() {
                 down as u64,
                 "every downloaded byte, once"
             );
+        },
+    );
+}
+
+#[test]
+fn global_mode_follows_the_selector_in_the_data_path() {
+    with_gateway(
+        "api_mode",
+        AccountingMode::Ebpf,
+        |_| {},
+        |topo, _gw| {
+            assert_eq!(
+                http_with(topo, "PATCH", "/configs", r#"{"mode":"global"}"#).0,
+                204
+            );
+            assert_eq!(
+                http_with(topo, "PUT", "/proxies/GLOBAL", r#"{"name":"REJECT"}"#).0,
+                204
+            );
+            let (ready_tx, ready_rx) = mpsc::channel();
+            let server = spawn_in(&topo.server, move || {
+                let listener = TcpListener::bind(socket(SERVER4, 5004)).expect("bind");
+                ready_tx.send(()).expect("ready");
+                // Only the connection made after switching back to DIRECT arrives.
+                let (mut conn, _) = listener.accept().expect("accept");
+                let mut buf = [0u8; 4];
+                conn.read_exact(&mut buf).expect("read");
+                conn.write_all(&buf).expect("echo");
+            });
+            ready_rx.recv().expect("server ready");
+
+            let rejected = Topology::run_in(&topo.client, || {
+                let mut conn = TcpStream::connect(socket(SERVER4, 5004)).expect("tproxy accepts");
+                let started = Instant::now();
+                let r = conn.read(&mut [0u8; 4]);
+                (
+                    matches!(r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+                    started.elapsed(),
+                )
+            });
+            assert!(rejected.0, "REJECT resets the client");
+            assert!(
+                rejected.1 < Duration::from_millis(100),
+                "reset after {:?}",
+                rejected.1
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let closed = loop {
+                let (_, closed) = http(topo, "GET", "/connections/closed?limit=1");
+                if let Some(c) = closed["connections"].get(0) {
+                    break c.clone();
+                }
+                assert!(Instant::now() < deadline, "the rejected flow is not listed");
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert_eq!(closed["chains"], serde_json::json!(["REJECT", "GLOBAL"]));
+            assert_eq!(
+                (closed["upload"].as_u64(), closed["download"].as_u64()),
+                (Some(0), Some(0))
+            );
+
+            assert_eq!(
+                http_with(topo, "PUT", "/proxies/GLOBAL", r#"{"name":"DIRECT"}"#).0,
+                204
+            );
+            Topology::run_in(&topo.client, || {
+                let mut conn = TcpStream::connect(socket(SERVER4, 5004)).expect("connect");
+                conn.write_all(b"ping").expect("write");
+                let mut buf = [0u8; 4];
+                conn.read_exact(&mut buf).expect("echo through DIRECT");
+            });
+            server.join().expect("server");
         },
     );
 }

@@ -16,9 +16,10 @@ use tower::ServiceExt;
 use tpacct::{
     accounting::Accounting,
     api::{ApiState, router},
+    config::Mode,
     config::{AccountingMode, AccountingSettings, Config},
     registry::{FlowMeta, Leg, Network, Registry},
-    route::Router as Routes,
+    route::{Router as Routes, Selection},
     speed,
 };
 
@@ -43,7 +44,12 @@ async fn api(secret: &str) -> Api {
         ..Config::default()
     };
     Api {
-        router: router(ApiState::new(registry.clone(), rates, &config)),
+        router: router(ApiState::new(
+            registry.clone(),
+            rates,
+            &config,
+            Selection::new(config.mode),
+        )),
         registry,
         _sockets: Vec::new(),
     }
@@ -69,7 +75,7 @@ async fn with_flow(api: &mut Api) -> uuid::Uuid {
             source,
             destination,
             inbound: "10.0.0.1:7893".parse().expect("addr"),
-            route: Routes.route(),
+            route: Routes::new(Selection::new(Mode::Rule)).route(),
         },
         tracked,
         Leg::Client,
@@ -675,4 +681,28 @@ async fn https_delay_tests_verify_the_certificate() {
         message.contains("TLS") && message.to_lowercase().contains("certificate"),
         "{message}"
     );
+}
+
+#[tokio::test]
+async fn logs_stream_records_at_or_above_the_level() {
+    tpacct::logging::init(tpacct::config::LogLevel::Info);
+    let api = api("").await;
+    let resp = api
+        .router
+        .clone()
+        .oneshot(get("/logs?level=warning"))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    tracing::info!("below the asked level");
+    tracing::warn!("a warning for the dashboard");
+    let mut body = resp.into_body();
+    let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("a record within 5 s")
+        .expect("frame")
+        .expect("frame ok");
+    let line: Value = serde_json::from_slice(&frame.into_data().expect("data")).expect("json");
+    assert_eq!(line["type"], "warning");
+    assert_eq!(line["payload"], "a warning for the dashboard");
 }

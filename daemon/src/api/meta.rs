@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use super::{ApiError, ApiState};
 use crate::{
     config::{BindAddress, LogLevel, Mode},
+    route::{GLOBAL, Outbound},
     snapshot::rfc3339,
 };
 
@@ -27,7 +28,7 @@ pub(super) async fn version() -> Json<Value> {
 }
 
 fn mode(state: &ApiState) -> Mode {
-    *state.mode.lock().unwrap_or_else(|p| p.into_inner())
+    state.selection.mode()
 }
 
 fn log_level(state: &ApiState) -> LogLevel {
@@ -104,7 +105,7 @@ pub(super) async fn patch_configs(
         .map(|v| parse("log-level", v))
         .transpose()?;
     if let Some(mode) = mode {
-        *state.mode.lock().unwrap_or_else(|p| p.into_inner()) = mode;
+        state.selection.set_mode(mode);
         tracing::info!("mode set to {mode:?} through the API");
     }
     if let (Some(level), Some(logging)) = (level, crate::logging::get()) {
@@ -113,8 +114,8 @@ pub(super) async fn patch_configs(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The leaf proxies and their Clash types.
 const LEAVES: [(&str, &str); 2] = [("DIRECT", "Direct"), ("REJECT", "Reject")];
-const GLOBAL: &str = "GLOBAL";
 
 fn leaf(state: &ApiState, name: &str, kind: &str, mark: u32) -> Value {
     json!({
@@ -126,11 +127,7 @@ fn leaf(state: &ApiState, name: &str, kind: &str, mark: u32) -> Value {
 }
 
 fn global(state: &ApiState) -> Value {
-    let now = state
-        .global
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone();
+    let now = state.selection.global().name();
     json!({
         "alive": true, "all": LEAVES.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
         "dialer-proxy": "", "extra": {}, "hidden": false, "history": state.delays.of(GLOBAL), "icon": "",
@@ -166,11 +163,7 @@ pub(super) fn exists(state: &ApiState, name: &str) -> Result<(), ApiError> {
 /// The leaf a proxy name stands for now (a group: its selection).
 pub(super) fn resolve(state: &ApiState, name: &str) -> String {
     if name == GLOBAL {
-        state
-            .global
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        state.selection.global().name().to_owned()
     } else {
         name.to_owned()
     }
@@ -217,13 +210,13 @@ pub(super) async fn select(
     if name != GLOBAL {
         return Err(ApiError::bad_request(format!("`{name}` is not a Selector")));
     }
-    if !LEAVES.iter().any(|(n, _)| *n == choice.name) {
+    let Some(outbound) = Outbound::from_name(&choice.name) else {
         return Err(ApiError::bad_request(format!(
             "`{}` is not one of GLOBAL's proxies",
             choice.name
         )));
-    }
-    *state.global.lock().unwrap_or_else(|p| p.into_inner()) = choice.name;
+    };
+    state.selection.select_global(outbound);
     Ok(StatusCode::NO_CONTENT)
 }
 

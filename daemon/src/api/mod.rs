@@ -21,11 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::{
-    config::{Config, Mode},
-    registry::Registry,
-    speed::Rates,
-};
+use crate::{config::Config, registry::Registry, route::Selection, speed::Rates};
 
 /// Errors starting the API.
 #[derive(Debug, thiserror::Error)]
@@ -43,9 +39,8 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     pub rates: Rates,
     pub config: Config,
-    pub mode: std::sync::Mutex<Mode>,
-    /// The GLOBAL selector's choice.
-    pub global: std::sync::Mutex<String>,
+    /// The mode and GLOBAL's choice, shared with the router.
+    pub selection: Arc<Selection>,
     /// Dials delay tests.
     pub direct: crate::outbound::Direct,
     /// Latest delay per proxy.
@@ -53,13 +48,17 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    pub fn new(registry: Arc<Registry>, rates: Rates, config: &Config) -> Arc<ApiState> {
+    pub fn new(
+        registry: Arc<Registry>,
+        rates: Rates,
+        config: &Config,
+        selection: Arc<Selection>,
+    ) -> Arc<ApiState> {
         Arc::new(ApiState {
             registry,
             rates,
-            mode: std::sync::Mutex::new(config.mode),
             config: config.clone(),
-            global: std::sync::Mutex::new("DIRECT".to_owned()),
+            selection,
             direct: crate::outbound::Direct::new(config),
             delays: delay::History::default(),
         })

@@ -53,6 +53,7 @@ struct Shared {
 pub fn start(
     config: &Config,
     registry: Arc<Registry>,
+    router: Router,
     cancel: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<Vec<SocketAddr>, Error> {
@@ -71,7 +72,7 @@ pub fn start(
     let shared = Arc::new(Shared {
         registry,
         direct: Direct::new(config),
-        router: Router,
+        router,
         sniff: config.sniffer.clone(),
         tcp_idle: config.tcp_idle_timeout.or_never(),
         udp_idle: config.udp_idle_timeout.duration(),

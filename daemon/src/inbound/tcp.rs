@@ -18,6 +18,7 @@ use super::{Shared, TPROXY_NAME, TPROXY_TYPE};
 use crate::{
     registry::{Flow, FlowMeta, Leg, Network},
     relay,
+    route::Outbound,
     sniff::{self, Sniffed},
 };
 
@@ -100,7 +101,14 @@ async fn handle(client: TcpStream, source: SocketAddr, inbound: SocketAddr, shar
         inbound,
         route: shared.router.route(),
     };
+    let reject = meta.route.outbound == Outbound::Reject;
     let flow = shared.registry.open(meta, tracked, Leg::Client);
+    if reject {
+        relay::reset(&client);
+        drop(client);
+        shared.registry.finish(flow).await;
+        return;
+    }
     let dialed = tokio::select! {
         r = shared.direct.connect_tcp(destination) => Some(r),
         () = flow.close_token().cancelled() => None,

@@ -89,6 +89,13 @@ async fn open(
     (source, destination): Key,
     inbound: SocketAddr,
 ) -> io::Result<(Arc<Session>, UdpSocket)> {
+    let route = shared.router.route();
+    if route.outbound == crate::route::Outbound::Reject {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("rejected by {}", route.chains.join(" < ")),
+        ));
+    }
     let upstream = shared
         .direct
         .connect_udp(destination)
@@ -107,7 +114,7 @@ async fn open(
         source,
         destination,
         inbound,
-        route: shared.router.route(),
+        route,
     };
     let flow = shared.registry.open(meta, tracked, Leg::Upstream);
     flow.set_dialed(destination);
