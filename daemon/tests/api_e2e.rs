@@ -137,6 +137,11 @@ fn a_live_flow_is_listed_with_metadata_and_counters_then_closed_by_id() {
             assert_eq!(m["destinationIP"], SERVER4);
             assert_eq!(m["destinationPort"], "5001");
             assert_eq!(m["remoteDestination"], SERVER4);
+            assert_eq!(
+                m["inboundIP"], "10.91.1.1",
+                "the gateway's address facing the client"
+            );
+            assert_eq!(m["inboundPort"], "7893");
             assert_eq!(c["chains"], serde_json::json!(["DIRECT"]));
             assert_eq!(c["rule"], "Match");
 

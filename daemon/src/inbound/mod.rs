@@ -39,6 +39,8 @@ pub enum Error {
 /// What every flow handler needs.
 #[derive(Debug)]
 struct Shared {
+    /// This host's address facing each client (cached routing lookups).
+    facing: dashmap::DashMap<IpAddr, IpAddr>,
     registry: Arc<Registry>,
     direct: Direct,
     router: Router,
@@ -46,6 +48,41 @@ struct Shared {
     tcp_idle: Option<Duration>,
     udp_idle: Duration,
     port: u16,
+}
+
+impl Shared {
+    /// The inbound address Clash clients see for a flow from `client` that reached `listener`:
+    /// this host's own address on the route back to the client (what the client actually
+    /// talks to), not the listener's wildcard.
+    fn inbound_for(&self, client: SocketAddr, listener: SocketAddr) -> SocketAddr {
+        if !listener.ip().is_unspecified() {
+            return listener;
+        }
+        let ip = client.ip();
+        if let Some(local) = self.facing.get(&ip) {
+            return SocketAddr::new(*local, listener.port());
+        }
+        let Some(local) = route_source(client) else {
+            return listener;
+        };
+        if self.facing.len() > 4096 {
+            self.facing.clear();
+        }
+        self.facing.insert(ip, local);
+        SocketAddr::new(local, listener.port())
+    }
+}
+
+/// The source address the kernel would use to reach `peer` (a UDP connect sends nothing).
+fn route_source(peer: SocketAddr) -> Option<IpAddr> {
+    let any: SocketAddr = if peer.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(any).ok()?;
+    socket.connect(peer).ok()?;
+    socket.local_addr().ok().map(|a| a.ip())
 }
 
 /// Binds the TPROXY listeners and serves them on `tracker` until `cancel`. Returns the
@@ -70,6 +107,7 @@ pub fn start(
         BindAddress::One(ip) => vec![(ip, port).into()],
     };
     let shared = Arc::new(Shared {
+        facing: dashmap::DashMap::new(),
         registry,
         direct: Direct::new(config),
         router,

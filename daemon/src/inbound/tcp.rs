@@ -98,7 +98,7 @@ async fn handle(client: TcpStream, source: SocketAddr, inbound: SocketAddr, shar
         inbound_name: TPROXY_NAME.to_owned(),
         source,
         destination,
-        inbound,
+        inbound: shared.inbound_for(source, inbound),
         route: shared.router.route(),
     };
     let reject = meta.route.outbound == Outbound::Reject;

@@ -113,7 +113,7 @@ async fn open(
         inbound_name: TPROXY_NAME.to_owned(),
         source,
         destination,
-        inbound,
+        inbound: shared.inbound_for(source, inbound),
         route,
     };
     let flow = shared.registry.open(meta, tracked, Leg::Upstream);
