@@ -130,11 +130,11 @@ async fn first_line(api: &Api, uri: &str) -> Value {
 
 fn reference(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/reference/mihomo-v1.19.23")
+        .join("tests/fixtures/mihomo-v1.19.23")
         .join(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
-            "{}: {e} (CI keeps shared/ beside the clone)",
+            "{}: {e}",
             path.display()
         )
     });
