@@ -132,12 +132,7 @@ fn reference(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/mihomo-v1.19.23")
         .join(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e}",
-            path.display()
-        )
-    });
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
     serde_json::from_str(&text).unwrap_or_else(|_| serde_json::from_str(first).expect("json"))
 }
