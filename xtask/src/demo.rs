@@ -17,11 +17,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::process;
+use crate::netns::Topology;
 
-const CLIENT: &str = "tpacct-demo-client";
-const GATEWAY: &str = "tpacct-demo-gw";
-const SERVER: &str = "tpacct-demo-server";
+const PREFIX: &str = "tpacct-demo";
+const NET: u8 = 92;
 const SERVER_IP: &str = "10.92.2.2";
 const TLS_NAME: &str = "demo.tpacct.test";
 const HTTP_BODY: usize = 100_000;
@@ -36,69 +35,6 @@ tproxy-firewall:
   interfaces: [gw-lan]
 ";
 
-/// Namespaces, veths and addresses; torn down on drop.
-struct Topology;
-
-fn ip(args: &[&str]) -> Result<()> {
-    process::run("ip", args)
-}
-
-impl Topology {
-    fn up() -> Result<Topology> {
-        Topology::clean();
-        let topo = Topology;
-        for ns in [CLIENT, GATEWAY, SERVER] {
-            ip(&["netns", "add", ns])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        }
-        let veth = |a: &str, ans: &str, b: &str, bns: &str| {
-            ip(&[
-                "link", "add", a, "netns", ans, "type", "veth", "peer", "name", b, "netns", bns,
-            ])
-        };
-        veth("cl-eth0", CLIENT, "gw-lan", GATEWAY)?;
-        veth("sv-eth0", SERVER, "gw-wan", GATEWAY)?;
-        for (ns, dev, addr) in [
-            (CLIENT, "cl-eth0", "10.92.1.2/24"),
-            (GATEWAY, "gw-lan", "10.92.1.1/24"),
-            (GATEWAY, "gw-wan", "10.92.2.1/24"),
-            (SERVER, "sv-eth0", "10.92.2.2/24"),
-        ] {
-            ip(&["-n", ns, "addr", "add", addr, "dev", dev])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-        }
-        ip(&["-n", CLIENT, "route", "add", "default", "via", "10.92.1.1"])?;
-        ip(&["-n", SERVER, "route", "add", "default", "via", "10.92.2.1"])?;
-        process::run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                GATEWAY,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ],
-        )?;
-        Ok(topo)
-    }
-
-    fn clean() {
-        for ns in [CLIENT, GATEWAY, SERVER] {
-            let _ = Command::new("ip")
-                .args(["netns", "del", ns])
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        Topology::clean();
-    }
-}
-
 /// Child processes killed on drop.
 struct Children(Vec<Child>);
 
@@ -112,8 +48,8 @@ impl Drop for Children {
 }
 
 fn in_ns(ns: &str, program: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", ns]).arg(program).args(args);
+    let mut cmd = Topology::exec(ns, program);
+    cmd.args(args);
     cmd
 }
 
@@ -146,12 +82,12 @@ pub fn run(daemon: &Path, rounds: Option<u32>) -> Result<()> {
         }
     }
 
-    let _topo = Topology::up()?;
+    let topo = Topology::up(PREFIX, NET)?;
     let me = std::env::current_exe()?;
     let mut children = Children(Vec::new());
     children.0.push(
         in_ns(
-            SERVER,
+            &topo.server,
             &me,
             &["demo-serve", "http", &format!("{SERVER_IP}:80")],
         )
@@ -159,7 +95,7 @@ pub fn run(daemon: &Path, rounds: Option<u32>) -> Result<()> {
     );
     children.0.push(
         in_ns(
-            SERVER,
+            &topo.server,
             &me,
             &["demo-serve", "udp", &format!("{SERVER_IP}:5353")],
         )
@@ -167,7 +103,7 @@ pub fn run(daemon: &Path, rounds: Option<u32>) -> Result<()> {
     );
     children.0.push(
         in_ns(
-            SERVER,
+            &topo.server,
             Path::new("openssl"),
             &["s_server", "-quiet", "-www", "-accept", "443"],
         )
@@ -181,7 +117,7 @@ pub fn run(daemon: &Path, rounds: Option<u32>) -> Result<()> {
         .spawn()?,
     );
 
-    let mut gateway = in_ns(GATEWAY, daemon, &["run", "--config"])
+    let mut gateway = in_ns(&topo.gateway, daemon, &["run", "--config"])
         .arg(&config)
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
@@ -191,11 +127,14 @@ pub fn run(daemon: &Path, rounds: Option<u32>) -> Result<()> {
     children.0.push(gateway);
     wait_for(&lines, "ready", Duration::from_secs(20))?;
 
-    eprintln!("\ndemo: client {CLIENT} → gateway {GATEWAY} (tpacctd) → server {SERVER}");
+    eprintln!(
+        "\ndemo: client {} → gateway {} (tpacctd) → server {}",
+        topo.client, topo.gateway, topo.server
+    );
     let mut round = 0;
     while rounds.is_none_or(|n| round < n) && !stop.load(Ordering::SeqCst) {
         round += 1;
-        traffic(&me)?;
+        traffic(&me, &topo.client)?;
         // Let the closes reach the log before the next round or the end.
         std::thread::sleep(Duration::from_millis(500));
         if rounds.is_none() {
@@ -246,9 +185,9 @@ fn wait_for(lines: &mpsc::Receiver<String>, needle: &str, within: Duration) -> R
 }
 
 /// One round of client traffic: HTTP and HTTPS with curl, UDP with our own client.
-fn traffic(me: &Path) -> Result<()> {
+fn traffic(me: &Path, client: &str) -> Result<()> {
     let curl = |args: &[&str]| -> Result<String> {
-        let out = in_ns(CLIENT, Path::new("curl"), args)
+        let out = in_ns(client, Path::new("curl"), args)
             .output()
             .context("running curl in the client namespace")?;
         if !out.status.success() {
@@ -285,7 +224,7 @@ fn traffic(me: &Path) -> Result<()> {
     eprintln!(
         "demo client | HTTPS {TLS_NAME} ({SERVER_IP}:443): done (TLS bytes counted by the gateway; SNI sniffed)"
     );
-    let out = in_ns(CLIENT, me, &["demo-udp", &format!("{SERVER_IP}:5353")])
+    let out = in_ns(client, me, &["demo-udp", &format!("{SERVER_IP}:5353")])
         .output()
         .context("UDP client")?;
     eprint!("{}", String::from_utf8_lossy(&out.stderr));

@@ -1,7 +1,9 @@
 //! `cargo xtask`: the project's own commands — setup, build, run, test — so that a newcomer
 //! needs nothing but the README's two commands.
 
+mod bench;
 mod demo;
+mod netns;
 mod process;
 mod setup;
 
@@ -34,8 +36,25 @@ enum Command {
     /// Setup, build, then one round of the demo: client and server namespaces routed through
     /// tpacctd with its managed firewall, HTTP, TLS and UDP traffic, flows logged with counts.
     Demo,
-    /// Setup, then format check, clippy with -D warnings, every test, and one demo round.
+    /// Setup, build, then kernel forwarding vs tpacctd (eBPF and user-space accounting),
+    /// interleaved rounds; report to target/bench/. `--quick`: one short round.
+    Bench {
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Setup, then format check, clippy with -D warnings, every test, one demo round and a
+    /// quick benchmark round.
     Test,
+    /// Benchmark echo server inside the server namespace.
+    #[command(hide = true)]
+    BenchServe { addr: String },
+    /// Benchmark clients inside the client namespace.
+    #[command(hide = true)]
+    BenchClient {
+        kind: String,
+        addr: String,
+        arg: String,
+    },
     /// Demo server inside the server namespace.
     #[command(hide = true)]
     DemoServe { kind: String, addr: String },
@@ -75,6 +94,7 @@ fn main() -> Result<()> {
             let tally = test()?;
             build()?;
             demo::run(&daemon(&root), Some(1))?;
+            bench::run(&daemon(&root), true)?;
             // The closing line CI reads: every cargo test result, summed.
             println!(
                 "tests: {} passed, {} failed, {} skipped",
@@ -82,6 +102,13 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::Bench { quick } => {
+            setup::ensure()?;
+            build()?;
+            bench::run(&daemon(&root), quick)
+        }
+        Command::BenchServe { addr } => bench::serve(&addr),
+        Command::BenchClient { kind, addr, arg } => bench::client_main(&kind, &addr, &arg),
         Command::DemoServe { kind, addr } => demo::serve(&kind, &addr),
         Command::DemoUdp { addr } => demo::udp_client(&addr),
     }

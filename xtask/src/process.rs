@@ -11,6 +11,22 @@ pub fn run(program: &str, args: &[&str]) -> Result<()> {
     status(cmd)
 }
 
+/// Runs `program args…` without echoing it; fails (with its stderr) if it exits non-zero.
+pub fn run_quiet(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot start {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// Runs a prepared command, inheriting stdio; fails if it exits non-zero.
 pub fn status(mut cmd: Command) -> Result<()> {
     let shown = show(&cmd);

@@ -1,0 +1,446 @@
+//! `cargo xtask bench [--quick]`: the same client → gateway → server topology as the demo,
+//! with the gateway run by each contender in turn, interleaved in rounds (A B C A B C ...):
+//! kernel forwarding (no proxy), tpacctd with eBPF accounting, tpacctd with user-space
+//! accounting. Workloads: single- and 8-stream TCP throughput (iperf3), connection churn and
+//! request/response latency (our own clients). Reports medians with min–max and ratios
+//! against kernel forwarding as markdown and JSON under target/bench/. It reports; it never
+//! asserts.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::Topology;
+
+const PREFIX: &str = "tpacct-bench";
+const NET: u8 = 93;
+const IPERF_PORT: u16 = 5201;
+const ECHO_PORT: u16 = 7001;
+
+/// Who forwards at the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Contender {
+    Kernel,
+    TpacctEbpf,
+    TpacctUserspace,
+}
+
+impl Contender {
+    const ALL: [Contender; 3] = [
+        Contender::Kernel,
+        Contender::TpacctEbpf,
+        Contender::TpacctUserspace,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Contender::Kernel => "kernel forwarding",
+            Contender::TpacctEbpf => "tpacctd (eBPF)",
+            Contender::TpacctUserspace => "tpacctd (userspace)",
+        }
+    }
+}
+
+/// What one contender was measured at, per workload, per round.
+#[derive(Debug, Default)]
+struct Samples(BTreeMap<(&'static str, Contender), Vec<f64>>);
+
+impl Samples {
+    fn add(&mut self, metric: &'static str, who: Contender, value: f64) {
+        self.0.entry((metric, who)).or_default().push(value);
+    }
+}
+
+/// Workloads in report order: (key, description, unit, higher is better).
+const METRICS: [(&str, &str, &str, bool); 7] = [
+    ("tput1", "TCP throughput, 1 stream", "Gbit/s", true),
+    ("tput8", "TCP throughput, 8 streams", "Gbit/s", true),
+    ("cpu1", "gateway CPU per GB, 1 stream", "CPU s/GB", false),
+    ("churn", "connection churn", "conn/s", true),
+    ("rr_p50", "request/response latency p50", "µs", false),
+    ("rr_p99", "request/response latency p99", "µs", false),
+    ("rounds", "rounds", "", true),
+];
+
+struct Durations {
+    rounds: usize,
+    stream: u32,
+    churn: Duration,
+    requests: usize,
+}
+
+/// Processes killed on drop.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn run(daemon: &Path, quick: bool) -> Result<()> {
+    let d = if quick {
+        Durations {
+            rounds: 1,
+            stream: 2,
+            churn: Duration::from_secs(2),
+            requests: 2000,
+        }
+    } else {
+        Durations {
+            rounds: 3,
+            stream: 10,
+            churn: Duration::from_secs(5),
+            requests: 20_000,
+        }
+    };
+    let out_dir = PathBuf::from("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let topo = Topology::up(PREFIX, NET)?;
+    let me = std::env::current_exe()?;
+    let server_ip = topo.server_ip();
+    let mut servers = Children(Vec::new());
+    servers.0.push(
+        Topology::exec(&topo.server, Path::new("iperf3"))
+            .args(["-s", "-B", &server_ip, "-p", &IPERF_PORT.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("iperf3 server")?,
+    );
+    servers.0.push(
+        Topology::exec(&topo.server, &me)
+            .args(["bench-serve", &format!("{server_ip}:{ECHO_PORT}")])
+            .spawn()
+            .context("echo server")?,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut samples = Samples::default();
+    for round in 1..=d.rounds {
+        for who in Contender::ALL {
+            eprintln!("bench: round {round}/{}: {}", d.rounds, who.label());
+            let gateway = start(who, &topo, daemon, &out_dir)?;
+            measure(who, &topo, &me, &d, gateway.pid, &mut samples)?;
+            drop(gateway);
+        }
+    }
+    drop(servers);
+    drop(topo);
+    let (markdown, json) = report(&samples, &d, quick);
+    std::fs::write(out_dir.join("latest.md"), &markdown)?;
+    std::fs::write(out_dir.join("latest.json"), json)?;
+    println!("{markdown}");
+    eprintln!("bench: written to target/bench/latest.md and latest.json");
+    Ok(())
+}
+
+struct Gateway {
+    _children: Children,
+    pid: Option<u32>,
+}
+
+fn start(who: Contender, topo: &Topology, daemon: &Path, dir: &Path) -> Result<Gateway> {
+    let mode = match who {
+        Contender::Kernel => {
+            return Ok(Gateway {
+                _children: Children(Vec::new()),
+                pid: None,
+            });
+        }
+        Contender::TpacctEbpf => "ebpf",
+        Contender::TpacctUserspace => "userspace",
+    };
+    let config = dir.join(format!("tpacct-{mode}.yaml"));
+    std::fs::write(
+        &config,
+        format!(
+            "log-level: warning\naccounting: {mode}\ntproxy-port: 7893\nrouting-mark: 6666\n\
+             tcp-idle-timeout: 0\ntproxy-firewall:\n  interfaces: [gw-lan]\n"
+        ),
+    )?;
+    let mut child = Topology::exec(&topo.gateway, daemon)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting tpacctd")?;
+    let stderr = child.stderr.take().context("tpacctd stderr")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("WARN") || line.contains("ERROR") {
+                eprintln!("  tpacctd | {line}");
+            }
+            let _ = tx.send(line);
+        }
+    });
+    let pid = child.id();
+    let gateway = Gateway {
+        _children: Children(vec![child]),
+        pid: Some(pid),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.contains("ready") => break,
+            Ok(line) if who == Contender::TpacctEbpf && line.contains("accounting: userspace") => {
+                bail!("tpacctd could not use eBPF: {line}")
+            }
+            Ok(_) => {}
+            Err(_) => bail!("tpacctd did not become ready"),
+        }
+    }
+    Ok(gateway)
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn measure(
+    who: Contender,
+    topo: &Topology,
+    me: &Path,
+    d: &Durations,
+    pid: Option<u32>,
+    samples: &mut Samples,
+) -> Result<()> {
+    let server = topo.server_ip();
+    for (key, streams) in [("tput1", 1), ("tput8", 8)] {
+        let cpu_before = pid.and_then(cpu_seconds);
+        let out = Topology::exec(&topo.client, Path::new("iperf3"))
+            .args(["-c", &server, "-p", &IPERF_PORT.to_string(), "-J"])
+            .args(["-t", &d.stream.to_string(), "-P", &streams.to_string()])
+            .output()
+            .context("iperf3 client")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (bps, bytes) = iperf_result(&text).with_context(|| {
+            format!(
+                "iperf3 gave no result: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        samples.add(key, who, bps / 1e9);
+        if streams == 1
+            && let (Some(before), Some(after)) = (cpu_before, pid.and_then(cpu_seconds))
+        {
+            samples.add("cpu1", who, (after - before) / (bytes / 1e9));
+        }
+    }
+    let echo = format!("{server}:{ECHO_PORT}");
+    let churn = client(topo, me, &["churn", &echo, &d.churn.as_secs().to_string()])?;
+    samples.add("churn", who, churn[0]);
+    let rr = client(topo, me, &["latency", &echo, &d.requests.to_string()])?;
+    samples.add("rr_p50", who, rr[0]);
+    samples.add("rr_p99", who, rr[1]);
+    samples.add("rounds", who, 1.0);
+    Ok(())
+}
+
+/// (bits per second received, bytes received) from iperf3's JSON.
+fn iperf_result(json: &str) -> Option<(f64, f64)> {
+    let at = json.find("\"sum_received\"")?;
+    let section = &json[at..];
+    let number = |key: &str| -> Option<f64> {
+        let i = section.find(&format!("\"{key}\""))?;
+        let rest = section[i + key.len() + 2..].trim_start_matches([':', ' ', '\t']);
+        let end = rest.find([',', '\n', '}']).unwrap_or(rest.len());
+        rest[..end].trim().parse().ok()
+    };
+    Some((number("bits_per_second")?, number("bytes")?))
+}
+
+/// Runs `xtask bench-client args…` in the client namespace; its stdout is numbers.
+fn client(topo: &Topology, me: &Path, args: &[&str]) -> Result<Vec<f64>> {
+    let out = Topology::exec(&topo.client, me)
+        .arg("bench-client")
+        .args(args)
+        .output()
+        .context("bench client")?;
+    if !out.status.success() {
+        bail!(
+            "bench-client {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect())
+}
+
+fn median_min_max(v: &[f64]) -> (f64, f64, f64) {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn report(samples: &Samples, d: &Durations, quick: bool) -> (String, String) {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let date = humantime_date();
+    let mut md = format!(
+        "Measured {date} on Linux {} ({cpu}, {cores} cores){}; medians of {} round(s), min–max \
+         in brackets; ratio = against kernel forwarding (for latency and CPU, lower is better).\n\n",
+        kernel.trim(),
+        if quick { ", --quick" } else { "" },
+        d.rounds
+    );
+    md.push_str("| workload | unit |");
+    for who in Contender::ALL {
+        md.push_str(&format!(" {} |", who.label()));
+    }
+    md.push_str("\n|---|---|");
+    for _ in Contender::ALL {
+        md.push_str("---|");
+    }
+    md.push('\n');
+    let mut json = String::from("{\n  \"date\": \"");
+    json.push_str(&date);
+    json.push_str(&format!(
+        "\",\n  \"kernel\": \"{}\",\n  \"quick\": {quick},\n  \"results\": [\n",
+        kernel.trim()
+    ));
+    let mut rows = Vec::new();
+    for (key, label, unit, _higher) in METRICS {
+        if key == "rounds" {
+            continue;
+        }
+        md.push_str(&format!("| {label} | {unit} |"));
+        let base = samples
+            .0
+            .get(&(key, Contender::Kernel))
+            .map(|v| median_min_max(v).0);
+        for who in Contender::ALL {
+            match samples.0.get(&(key, who)) {
+                Some(v) => {
+                    let (m, lo, hi) = median_min_max(v);
+                    let ratio = base
+                        .filter(|b| *b > 0.0 && who != Contender::Kernel)
+                        .map(|b| format!(", {:.2}×", m / b))
+                        .unwrap_or_default();
+                    md.push_str(&format!(" {m:.2} [{lo:.2}–{hi:.2}]{ratio} |"));
+                    rows.push(format!(
+                        "    {{\"workload\": \"{key}\", \"contender\": \"{}\", \"unit\": \"{unit}\", \"median\": {m}, \"min\": {lo}, \"max\": {hi}, \"samples\": {v:?}}}",
+                        who.label()
+                    ));
+                }
+                None => md.push_str(" n/a |"),
+            }
+        }
+        md.push('\n');
+    }
+    json.push_str(&rows.join(",\n"));
+    json.push_str("\n  ]\n}\n");
+    md.push_str("\nKernel forwarding has no user-space process, so its CPU per GB is not measurable here.\n");
+    (md, json)
+}
+
+fn humantime_date() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// `bench-serve ADDR`: echoes; for churn, answers one byte and closes first (so the clients'
+/// ports never wait in TIME_WAIT).
+pub fn serve(addr: &str) -> Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let _ = conn.set_nodelay(true);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 1];
+            // First byte: 'c' = churn (answer and close), anything else = echo until EOF.
+            let Ok(1) = conn.read(&mut buf) else { return };
+            let churn = buf[0] == b'c';
+            if conn.write_all(&buf).is_err() || churn {
+                return;
+            }
+            while let Ok(1) = conn.read(&mut buf) {
+                if conn.write_all(&buf).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// `bench-client churn ADDR SECS` prints connections per second; `bench-client latency ADDR
+/// N` prints p50 and p99 round-trip microseconds.
+pub fn client_main(kind: &str, addr: &str, arg: &str) -> Result<()> {
+    let n: u64 = arg.parse().context("count")?;
+    match kind {
+        "churn" => {
+            let until = Instant::now() + Duration::from_secs(n);
+            let threads: Vec<_> = (0..4)
+                .map(|_| {
+                    let addr = addr.to_owned();
+                    std::thread::spawn(move || {
+                        let mut done = 0u64;
+                        while Instant::now() < until {
+                            let Ok(mut c) = TcpStream::connect(&addr) else {
+                                continue;
+                            };
+                            let mut b = [0u8; 1];
+                            if c.write_all(b"c").is_ok() && c.read_exact(&mut b).is_ok() {
+                                let _ = c.read(&mut b); // the server's FIN
+                                done += 1;
+                            }
+                            let _ = c.shutdown(Shutdown::Both);
+                        }
+                        done
+                    })
+                })
+                .collect();
+            let total: u64 = threads.into_iter().map(|t| t.join().unwrap_or(0)).sum();
+            println!("{}", total as f64 / n as f64);
+        }
+        "latency" => {
+            let mut c = TcpStream::connect(addr)?;
+            c.set_nodelay(true)?;
+            let mut rtts = Vec::with_capacity(n as usize);
+            let mut b = [0u8; 1];
+            for _ in 0..n {
+                let t = Instant::now();
+                c.write_all(b"p")?;
+                c.read_exact(&mut b)?;
+                rtts.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            rtts.sort_by(f64::total_cmp);
+            let at = |q: f64| rtts[((rtts.len() as f64 - 1.0) * q) as usize];
+            println!("{} {}", at(0.50), at(0.99));
+        }
+        other => bail!("unknown bench client {other}"),
+    }
+    Ok(())
+}
