@@ -108,6 +108,17 @@ pub fn run(daemon: &Path, quick: bool) -> Result<()> {
     let out_dir = PathBuf::from("target/bench");
     std::fs::create_dir_all(&out_dir)?;
     let topo = Topology::up(PREFIX, NET)?;
+    // Churn cycles through the client's ports within seconds; TIME_WAIT entries left on the
+    // server (60 s) would then collide with reused ports and measure that collision, not the
+    // contenders. No TIME_WAIT buckets where connections are closed first, and a wide range.
+    for (ns, key) in [
+        (&topo.server, "net.ipv4.tcp_max_tw_buckets=0"),
+        (&topo.gateway, "net.ipv4.tcp_max_tw_buckets=0"),
+        (&topo.client, "net.ipv4.ip_local_port_range=1024 65535"),
+        (&topo.gateway, "net.ipv4.ip_local_port_range=1024 65535"),
+    ] {
+        crate::process::run_quiet("ip", &["netns", "exec", ns, "sysctl", "-qw", key])?;
+    }
     let me = std::env::current_exe()?;
     let server_ip = topo.server_ip();
     let mut servers = Children(Vec::new());
