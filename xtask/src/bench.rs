@@ -26,6 +26,20 @@ const PREFIX: &str = "tpacct-bench";
 const NET: u8 = 93;
 const IPERF_PORT: u16 = 5201;
 const ECHO_PORT: u16 = 7001;
+const SINK_PORT: u16 = 7002;
+/// The hard open-files limit: a proxy holds two descriptors per relayed connection, so the
+/// scale run cannot hold more than half of it (raising it needs CAP_SYS_RESOURCE).
+fn open_files_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(4).map(str::to_owned))
+        })
+        .and_then(|hard| hard.parse().ok())
+        .unwrap_or(1024)
+}
 
 /// Who forwards at the gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -68,13 +82,37 @@ impl Samples {
 }
 
 /// Workloads in report order: (key, description, unit, higher is better).
-const METRICS: [(&str, &str, &str, bool); 7] = [
+const METRICS: [(&str, &str, &str, bool); 11] = [
     ("tput1", "TCP throughput, 1 stream", "Gbit/s", true),
     ("tput8", "TCP throughput, 8 streams", "Gbit/s", true),
     ("cpu1", "gateway CPU per GB, 1 stream", "CPU s/GB", false),
     ("churn", "connection churn", "conn/s", true),
     ("rr_p50", "request/response latency p50", "µs", false),
     ("rr_p99", "request/response latency p99", "µs", false),
+    (
+        "rss_small",
+        "RSS per idle connection (scale run, small)",
+        "bytes",
+        false,
+    ),
+    (
+        "api_small",
+        "GET /connections (scale run, small)",
+        "ms",
+        false,
+    ),
+    (
+        "rss_large",
+        "RSS per idle connection (scale run, large)",
+        "bytes",
+        false,
+    ),
+    (
+        "api_large",
+        "GET /connections (scale run, large)",
+        "ms",
+        false,
+    ),
     ("rounds", "rounds", "", true),
 ];
 
@@ -83,6 +121,8 @@ struct Durations {
     stream: u32,
     churn: Duration,
     requests: usize,
+    /// Idle connections held in the scale run: (small, large).
+    scale: (usize, usize),
 }
 
 /// Processes killed on drop.
@@ -104,6 +144,7 @@ pub fn run(daemon: &Path, quick: bool) -> Result<()> {
             stream: 2,
             churn: Duration::from_secs(2),
             requests: 2000,
+            scale: (1000, 2000),
         }
     } else {
         Durations {
@@ -111,7 +152,13 @@ pub fn run(daemon: &Path, quick: bool) -> Result<()> {
             stream: 10,
             churn: Duration::from_secs(5),
             requests: 20_000,
+            scale: (10_000, 50_000),
         }
+    };
+    let cap = open_files_limit().saturating_sub(512) / 2;
+    let d = Durations {
+        scale: (d.scale.0.min(cap), d.scale.1.min(cap)),
+        ..d
     };
     let out_dir = PathBuf::from("target/bench");
     std::fs::create_dir_all(&out_dir)?;
@@ -144,6 +191,12 @@ pub fn run(daemon: &Path, quick: bool) -> Result<()> {
             .spawn()
             .context("echo server")?,
     );
+    servers.0.push(
+        Topology::exec(&topo.server, &me)
+            .args(["bench-sink", &format!("{server_ip}:{SINK_PORT}")])
+            .spawn()
+            .context("sink server")?,
+    );
     std::thread::sleep(Duration::from_millis(300));
 
     let mut samples = Samples::default();
@@ -156,6 +209,9 @@ pub fn run(daemon: &Path, quick: bool) -> Result<()> {
             eprintln!("bench: round {round}/{}: {}", d.rounds, who.label());
             match start(who, &topo, daemon, &out_dir) {
                 Ok(gateway) => measure(who, &topo, &me, &d, gateway.pid, &mut samples)?,
+                Err(e) if matches!(who, Contender::TpacctEbpf | Contender::TpacctUserspace) => {
+                    return Err(e.context(format!("{} failed to start", who.label())));
+                }
                 Err(e) => {
                     eprintln!("bench: {} unavailable: {e:#}", who.label());
                     unavailable.insert(who, format!("{e:#}"));
@@ -345,7 +401,8 @@ fn start(who: Contender, topo: &Topology, daemon: &Path, dir: &Path) -> Result<G
             std::fs::write(
                 home.join("config.yaml"),
                 "tproxy-port: 7893\nallow-lan: true\nbind-address: '*'\nmode: rule\n\
-                 log-level: warning\nipv6: false\nrules:\n  - 'MATCH,DIRECT'\n",
+                 log-level: warning\nipv6: false\nexternal-controller: 127.0.0.1:9090\n\
+                 rules:\n  - 'MATCH,DIRECT'\n",
             )?;
             let home = home.to_string_lossy().into_owned();
             return behind_rules(topo, &binary, &["-d", &home]);
@@ -370,7 +427,8 @@ fn start(who: Contender, topo: &Topology, daemon: &Path, dir: &Path) -> Result<G
         &config,
         format!(
             "log-level: warning\naccounting: {mode}\ntproxy-port: 7893\nrouting-mark: 6666\n\
-             tcp-idle-timeout: 0\ntproxy-firewall:\n  interfaces: [gw-lan]\n"
+             tcp-idle-timeout: 0\nmax-connections: 200000\nexternal-controller: 127.0.0.1:9090\n\
+             tproxy-firewall:\n  interfaces: [gw-lan]\n"
         ),
     )?;
     let mut child = Topology::exec(&topo.gateway, daemon)
@@ -455,8 +513,82 @@ fn measure(
     let rr = client(topo, me, &["latency", &echo, &d.requests.to_string()])?;
     samples.add("rr_p50", who, rr[0]);
     samples.add("rr_p99", who, rr[1]);
+    // The scale run needs a process to weigh and an API to ask.
+    if let (Some(pid), true) = (
+        pid,
+        matches!(
+            who,
+            Contender::TpacctEbpf | Contender::TpacctUserspace | Contender::Mihomo
+        ),
+    ) {
+        for (n, rss_key, api_key) in [
+            (d.scale.0, "rss_small", "api_small"),
+            (d.scale.1, "rss_large", "api_large"),
+        ] {
+            let (per_connection, api_ms) = scale(topo, me, pid, n)?;
+            samples.add(rss_key, who, per_connection);
+            samples.add(api_key, who, api_ms);
+        }
+    }
     samples.add("rounds", who, 1.0);
     Ok(())
+}
+
+/// Resident memory of a process in bytes.
+fn rss_bytes(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024.0)
+}
+
+/// Holds `n` idle connections through the gateway: (RSS growth per connection in bytes,
+/// median milliseconds for the gateway's `GET /connections`).
+fn scale(topo: &Topology, me: &Path, pid: u32, n: usize) -> Result<(f64, f64)> {
+    let before = rss_bytes(pid).context("gateway RSS")?;
+    let target = format!("{}:{SINK_PORT}", topo.server_ip());
+    let mut holder = Topology::exec(&topo.client, me)
+        .args(["bench-client", "hold", &target, &n.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("holding client")?;
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().context("holder stdout")?).read_line(&mut line)?;
+    let _holder = Children(vec![holder]);
+    if line.trim() != n.to_string() {
+        bail!("holding client opened {} of {n} connections", line.trim());
+    }
+    // Let the gateway finish accepting and dialing.
+    std::thread::sleep(Duration::from_millis(500 + n as u64 / 20));
+    let after = rss_bytes(pid).context("gateway RSS")?;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let out = Topology::exec(&topo.gateway, Path::new("curl"))
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{time_total}",
+                "http://127.0.0.1:9090/connections",
+            ])
+            .output()?;
+        if let Ok(secs) = String::from_utf8_lossy(&out.stdout).trim().parse::<f64>() {
+            times.push(secs * 1000.0);
+        }
+    }
+    if times.is_empty() {
+        bail!("GET /connections failed");
+    }
+    Ok((
+        (after - before).max(0.0) / n as f64,
+        median_min_max(&times).0,
+    ))
 }
 
 /// (bits per second received, bytes received) from iperf3's JSON.
@@ -570,8 +702,16 @@ fn report(samples: &Samples, d: &Durations, quick: bool) -> (String, String) {
     }
     json.push_str(&rows.join(",\n"));
     json.push_str("\n  ]\n}\n");
-    md.push_str("\nKernel forwarding has no user-space process, so its CPU per GB is not measurable here. \
-                 mihomo and haproxy run behind the same nftables TPROXY rule as tpacctd's managed firewall.\n");
+    md.push_str(&format!(
+        "\nKernel forwarding has no user-space process, so its CPU per GB is not measurable here. \
+         mihomo and haproxy run behind the same nftables TPROXY rule as tpacctd's managed firewall. \
+         Scale run: {} (small) and {} (large) idle connections held through the gateway; \
+         the large run is capped at half the hard open-files limit ({}), as a proxy holds two \
+         descriptors per connection.\n",
+        d.scale.0,
+        d.scale.1,
+        open_files_limit()
+    ));
     (md, json)
 }
 
@@ -604,6 +744,26 @@ pub fn serve(addr: &str) -> Result<()> {
                 }
             }
         });
+    }
+    Ok(())
+}
+
+/// `bench-sink ADDR`: accepts and keeps connections, idle, without a thread each.
+pub fn sink(addr: &str) -> Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    let mut held = Vec::new();
+    for conn in listener.incoming() {
+        if let Ok(conn) = conn {
+            held.push(conn);
+        }
+        // Forget connections the client has closed now and then.
+        if held.len() % 4096 == 0 {
+            held.retain(|c: &TcpStream| {
+                let _ = c.set_nonblocking(true);
+                let mut b = [0u8; 1];
+                !matches!(c.peek(&mut b), Ok(0))
+            });
+        }
     }
     Ok(())
 }
@@ -652,6 +812,18 @@ pub fn client_main(kind: &str, addr: &str, arg: &str) -> Result<()> {
             rtts.sort_by(f64::total_cmp);
             let at = |q: f64| rtts[((rtts.len() as f64 - 1.0) * q) as usize];
             println!("{} {}", at(0.50), at(0.99));
+        }
+        "hold" => {
+            let mut held = Vec::with_capacity(n as usize);
+            for _ in 0..n {
+                held.push(TcpStream::connect(addr)?);
+            }
+            println!("{}", held.len());
+            std::io::stdout().flush()?;
+            // Held until the bench kills us.
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
         }
         other => bail!("unknown bench client {other}"),
     }

@@ -48,6 +48,9 @@ enum Command {
     /// Benchmark echo server inside the server namespace.
     #[command(hide = true)]
     BenchServe { addr: String },
+    /// Benchmark sink holding idle connections inside the server namespace.
+    #[command(hide = true)]
+    BenchSink { addr: String },
     /// Benchmark clients inside the client namespace.
     #[command(hide = true)]
     BenchClient {
@@ -108,6 +111,7 @@ fn main() -> Result<()> {
             bench::run(&daemon(&root), quick)
         }
         Command::BenchServe { addr } => bench::serve(&addr),
+        Command::BenchSink { addr } => bench::sink(&addr),
         Command::BenchClient { kind, addr, arg } => bench::client_main(&kind, &addr, &arg),
         Command::DemoServe { kind, addr } => demo::serve(&kind, &addr),
         Command::DemoUdp { addr } => demo::udp_client(&addr),
