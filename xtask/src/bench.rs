@@ -155,9 +155,9 @@ pub fn run(daemon: &Path, quick: bool) -> Result<()> {
             scale: (10_000, 50_000),
         }
     };
-    let cap = open_files_limit().saturating_sub(512) / 2;
+    let cap = open_files_limit().saturating_sub(2048) / 2;
     let d = Durations {
-        scale: (d.scale.0.min(cap), d.scale.1.min(cap)),
+        scale: (d.scale.0.min(cap / 2), d.scale.1.min(cap)),
         ..d
     };
     let out_dir = PathBuf::from("target/bench");
@@ -550,6 +550,8 @@ fn rss_bytes(pid: u32) -> Option<f64> {
 /// Holds `n` idle connections through the gateway: (RSS growth per connection in bytes,
 /// median milliseconds for the gateway's `GET /connections`).
 fn scale(topo: &Topology, me: &Path, pid: u32, n: usize) -> Result<(f64, f64)> {
+    let open_fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let baseline = open_fds();
     let before = rss_bytes(pid).context("gateway RSS")?;
     let target = format!("{}:{SINK_PORT}", topo.server_ip());
     let mut holder = Topology::exec(&topo.client, me)
@@ -559,7 +561,7 @@ fn scale(topo: &Topology, me: &Path, pid: u32, n: usize) -> Result<(f64, f64)> {
         .context("holding client")?;
     let mut line = String::new();
     BufReader::new(holder.stdout.take().context("holder stdout")?).read_line(&mut line)?;
-    let _holder = Children(vec![holder]);
+    let holder = Children(vec![holder]);
     if line.trim() != n.to_string() {
         bail!("holding client opened {} of {n} connections", line.trim());
     }
@@ -584,6 +586,12 @@ fn scale(topo: &Topology, me: &Path, pid: u32, n: usize) -> Result<(f64, f64)> {
     }
     if times.is_empty() {
         bail!("GET /connections failed");
+    }
+    // Release the connections and let the gateway drain before the next run.
+    drop(holder);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while open_fds() > baseline + 64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
     }
     Ok((
         (after - before).max(0.0) / n as f64,
@@ -748,22 +756,27 @@ pub fn serve(addr: &str) -> Result<()> {
     Ok(())
 }
 
-/// `bench-sink ADDR`: accepts and keeps connections, idle, without a thread each.
+/// `bench-sink ADDR`: accepts and keeps connections, idle, without a thread each; a reaper
+/// drops those whose peer has closed (so a proxy's half-close towards us ends its relay).
 pub fn sink(addr: &str) -> Result<()> {
     let listener = TcpListener::bind(addr)?;
-    let mut held = Vec::new();
-    for conn in listener.incoming() {
-        if let Ok(conn) = conn {
-            held.push(conn);
-        }
-        // Forget connections the client has closed now and then.
-        if held.len() % 4096 == 0 {
-            held.retain(|c: &TcpStream| {
-                let _ = c.set_nonblocking(true);
-                let mut b = [0u8; 1];
-                !matches!(c.peek(&mut b), Ok(0))
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::<TcpStream>::new()));
+    let reaper = held.clone();
+    std::thread::spawn(move || {
+        loop {
+            std::thread::sleep(Duration::from_millis(200));
+            let mut held = reaper.lock().unwrap_or_else(|p| p.into_inner());
+            let mut b = [0u8; 1];
+            // Keep a connection while it is open: data or nothing-yet; drop it at EOF or error.
+            held.retain(|c| match c.peek(&mut b) {
+                Ok(n) => n > 0,
+                Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
             });
         }
+    });
+    for conn in listener.incoming().flatten() {
+        let _ = conn.set_nonblocking(true);
+        held.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
     }
     Ok(())
 }
