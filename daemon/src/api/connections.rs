@@ -21,6 +21,22 @@ use crate::snapshot;
 /// WebSocket pushes no faster than this.
 const MIN_INTERVAL_MS: u64 = 100;
 
+/// An optional numeric query value: `default` when absent or empty, a 400 naming `key` when
+/// it is not a `what`.
+fn number<T: std::str::FromStr>(
+    value: Option<&str>,
+    key: &str,
+    what: &str,
+    default: T,
+) -> Result<T, ApiError> {
+    match value {
+        None | Some("") => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("{key}: `{v}` is not {what}"))),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 pub(super) struct ListQuery {
     interval: Option<String>,
@@ -31,13 +47,8 @@ pub(super) async fn list(
     Query(q): Query<ListQuery>,
     MaybeWs(ws): MaybeWs,
 ) -> Result<Response, ApiError> {
-    let interval = match q.interval.as_deref() {
-        None | Some("") => 1000,
-        Some(v) => v
-            .parse::<u64>()
-            .map_err(|_| ApiError::bad_request(format!("interval: `{v}` is not milliseconds")))?,
-    }
-    .max(MIN_INTERVAL_MS);
+    let interval =
+        number(q.interval.as_deref(), "interval", "milliseconds", 1000)?.max(MIN_INTERVAL_MS);
     let Some(ws) = ws else {
         return Ok(Json(snapshot::snapshot(&state.registry, &state.rates.speeds)).into_response());
     };
@@ -57,12 +68,7 @@ pub(super) async fn closed(
     State(state): State<Arc<ApiState>>,
     Query(q): Query<ClosedQuery>,
 ) -> Result<Response, ApiError> {
-    let limit = match q.limit.as_deref() {
-        None | Some("") => usize::MAX,
-        Some(v) => v
-            .parse::<usize>()
-            .map_err(|_| ApiError::bad_request(format!("limit: `{v}` is not a count")))?,
-    };
+    let limit = number(q.limit.as_deref(), "limit", "a count", usize::MAX)?;
     let closed: Vec<_> = state
         .registry
         .closed(limit)
