@@ -23,6 +23,14 @@ impl Outbound {
         }
     }
 
+    /// The type Clash clients show for it.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Outbound::Direct => "Direct",
+            Outbound::Reject => "Reject",
+        }
+    }
+
     pub fn from_name(name: &str) -> Option<Outbound> {
         Outbound::ALL.into_iter().find(|o| o.name() == name)
     }

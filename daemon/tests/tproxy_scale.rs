@@ -14,12 +14,6 @@ use tpacct::config::AccountingMode;
 
 const CONNECTIONS: usize = 1000;
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -34,7 +28,7 @@ fn thousand_concurrent_connections_then_baseline() {
         AccountingMode::Ebpf,
         |_| {},
         |topo, gw| {
-            let before = open_fds();
+            let before = common::open_fds();
             let target = socket(SERVER4, 6000);
             // Server: echoes each connection's bytes until EOF.
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -92,13 +86,13 @@ fn thousand_concurrent_connections_then_baseline() {
             assert_eq!(gw.registry.closed(usize::MAX).len(), CONNECTIONS);
 
             let deadline = Instant::now() + Duration::from_secs(5);
-            while open_fds() > before && Instant::now() < deadline {
+            while common::open_fds() > before && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
             assert!(
-                open_fds() <= before,
+                common::open_fds() <= before,
                 "fds: {before} before, {} after",
-                open_fds()
+                common::open_fds()
             );
         },
     );

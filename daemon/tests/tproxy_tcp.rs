@@ -235,12 +235,6 @@ fn sni_and_host_are_sniffed() {
     );
 }
 
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
 #[test]
 fn unreachable_upstreams_reset_the_client_promptly() {
     with_gateway(
@@ -248,7 +242,7 @@ fn unreachable_upstreams_reset_the_client_promptly() {
         AccountingMode::Ebpf,
         |_| {},
         |topo, gw| {
-            let fds = open_fds();
+            let fds = common::open_fds();
             // A closed port (the server answers with a reset) and an address with no route.
             for (target, what) in [
                 (socket(SERVER4, 9), "refused"),
@@ -279,14 +273,14 @@ fn unreachable_upstreams_reset_the_client_promptly() {
             }
             // Nothing left open in the daemon (settle: the gateway's sockets close asynchronously).
             let deadline = Instant::now() + Duration::from_secs(5);
-            while open_fds() > fds && Instant::now() < deadline {
+            while common::open_fds() > fds && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
             assert!(
-                open_fds() <= fds,
+                common::open_fds() <= fds,
                 "fds: {} before, {} after",
                 fds,
-                open_fds()
+                common::open_fds()
             );
         },
     );

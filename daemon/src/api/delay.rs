@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{ApiError, ApiState, meta};
-use crate::{outbound::Direct, snapshot::rfc3339};
+use crate::{outbound::Direct, route::Outbound, snapshot::rfc3339};
 
 /// The latest delay result per proxy.
 #[derive(Debug, Default)]
@@ -215,8 +215,8 @@ async fn measure(direct: &Direct, test: &Test) -> Result<u64, Failure> {
 /// Tests `name` (a group: its selection), records the result under `name`.
 async fn test_proxy(state: &ApiState, name: &str, test: &Test) -> Result<u64, Failure> {
     let leaf = meta::resolve(state, name);
-    let result = match leaf.as_str() {
-        "DIRECT" => measure(&state.direct, test).await,
+    let result = match Outbound::from_name(&leaf) {
+        Some(Outbound::Direct) => measure(&state.direct, test).await,
         _ => Err(Failure::Error(format!("{leaf} rejects every connection"))),
     };
     state.delays.record(name, result.as_ref().ok().copied());

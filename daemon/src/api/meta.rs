@@ -114,8 +114,10 @@ pub(super) async fn patch_configs(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The leaf proxies and their Clash types.
-const LEAVES: [(&str, &str); 2] = [("DIRECT", "Direct"), ("REJECT", "Reject")];
+/// The leaf proxies' names.
+fn leaf_names() -> Vec<&'static str> {
+    Outbound::ALL.iter().map(|o| o.name()).collect()
+}
 
 fn leaf(state: &ApiState, name: &str, kind: &str, mark: u32) -> Value {
     json!({
@@ -129,7 +131,7 @@ fn leaf(state: &ApiState, name: &str, kind: &str, mark: u32) -> Value {
 fn global(state: &ApiState) -> Value {
     let now = state.selection.global().name();
     json!({
-        "alive": true, "all": LEAVES.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
+        "alive": true, "all": leaf_names(),
         "dialer-proxy": "", "extra": {}, "hidden": false, "history": state.delays.of(GLOBAL), "icon": "",
         "interface": "", "mptcp": false, "name": GLOBAL, "now": now, "provider-name": "",
         "routing-mark": 0, "smux": false, "testUrl": "", "tfo": false, "type": "Selector",
@@ -141,16 +143,14 @@ fn find(state: &ApiState, name: &str) -> Result<Value, ApiError> {
     if name == GLOBAL {
         return Ok(global(state));
     }
-    LEAVES
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(n, kind)| {
-            let mark = if *n == "DIRECT" {
+    Outbound::from_name(name)
+        .map(|o| {
+            let mark = if o == Outbound::Direct {
                 state.config.routing_mark
             } else {
                 0
             };
-            leaf(state, n, kind, mark)
+            leaf(state, o.name(), o.kind(), mark)
         })
         .ok_or_else(|| ApiError::not_found(format!("no proxy named `{name}`")))
 }
@@ -172,7 +172,7 @@ pub(super) fn resolve(state: &ApiState, name: &str) -> String {
 /// The members of group `name`.
 pub(super) fn members(name: &str) -> Result<Vec<&'static str>, ApiError> {
     if name == GLOBAL {
-        Ok(LEAVES.iter().map(|(n, _)| *n).collect())
+        Ok(leaf_names())
     } else {
         Err(ApiError::not_found(format!("no group named `{name}`")))
     }
@@ -180,7 +180,7 @@ pub(super) fn members(name: &str) -> Result<Vec<&'static str>, ApiError> {
 
 pub(super) async fn proxies(State(state): State<Arc<ApiState>>) -> Json<Value> {
     let mut all = serde_json::Map::new();
-    for name in LEAVES.iter().map(|(n, _)| *n).chain([GLOBAL]) {
+    for name in leaf_names().into_iter().chain([GLOBAL]) {
         if let Ok(p) = find(&state, name) {
             all.insert(name.to_owned(), p);
         }

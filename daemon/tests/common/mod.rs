@@ -323,6 +323,13 @@ macro_rules! both_modes {
     };
 }
 
+/// Descriptors this test process has open.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
 pub fn counters(rx: u64, tx: u64) -> Counters {
     Counters { rx, tx }
 }
