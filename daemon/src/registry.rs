@@ -158,8 +158,8 @@ pub struct Registry {
     /// Flows ever opened, and when the last one was.
     opened: AtomicU64,
     last_opened: Mutex<Option<SystemTime>>,
-    /// Held for writing while a flow moves from live to closed, for reading while totals are
-    /// summed, so no flow is counted twice or not at all.
+    /// Held for writing while a flow moves from live to the closed ring (and totals), for
+    /// reading while totals are summed, so no flow is counted twice or not at all.
     moving: std::sync::RwLock<()>,
 }
 
@@ -219,14 +219,6 @@ impl Registry {
     pub async fn finish(&self, flow: Arc<Flow>) {
         let totals = self.accounting.finish(&flow.tracked, self.grace).await;
         let traffic = flow.orient(totals);
-        {
-            let _moving = self.moving.write().unwrap_or_else(|p| p.into_inner());
-            self.live.remove(&flow.id);
-            self.closed_upload
-                .fetch_add(traffic.upload, Ordering::Relaxed);
-            self.closed_download
-                .fetch_add(traffic.download, Ordering::Relaxed);
-        }
         tracing::info!(
             "[{}] {} --> {}{} match {} using {} closed: up {} B, down {} B",
             flow.meta.network.as_str().to_uppercase(),
@@ -249,11 +241,20 @@ impl Registry {
             dialed: flow.dialed(),
             traffic,
         };
-        let mut ring = self.closed.lock().unwrap_or_else(|p| p.into_inner());
-        if ring.len() == self.closed_capacity {
-            ring.pop_front();
+        // One step: a reader sees the flow live or closed, never neither nor both.
+        let _moving = self.moving.write().unwrap_or_else(|p| p.into_inner());
+        {
+            let mut ring = self.closed.lock().unwrap_or_else(|p| p.into_inner());
+            if ring.len() == self.closed_capacity {
+                ring.pop_front();
+            }
+            ring.push_back(closed);
         }
-        ring.push_back(closed);
+        self.live.remove(&flow.id);
+        self.closed_upload
+            .fetch_add(traffic.upload, Ordering::Relaxed);
+        self.closed_download
+            .fetch_add(traffic.download, Ordering::Relaxed);
     }
 
     /// Closes one flow's sockets; false if no such live flow.
