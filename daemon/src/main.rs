@@ -74,22 +74,24 @@ fn main() -> ExitCode {
 
 fn serve(config: Config) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(app::run(config, stop_signal()))?;
-    Ok(())
+    runtime.block_on(async {
+        // Installed before anything starts: a SIGTERM right after "ready" must stop us
+        // cleanly, not kill us with the default action.
+        let stop = stop_signal()?;
+        app::run(config, stop).await?;
+        Ok(())
+    })
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn stop_signal() {
+/// A future resolving on SIGTERM or SIGINT; the handlers are installed when this returns.
+fn stop_signal() -> std::io::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }

@@ -76,6 +76,8 @@ fn run_uses_ebpf_and_removes_its_cgroup_on_sigterm() {
     if !common::root_or_skip("run_uses_ebpf_and_removes_its_cgroup_on_sigterm") {
         return;
     }
+    // Both `run` tests use this namespace's default ports: one at a time.
+    let _turn = common::serial();
     let daemon = Daemon::start(None, &["run"]);
     let line = daemon.wait_for("accounting:");
     let cgroup = line
@@ -96,6 +98,7 @@ fn run_uses_ebpf_and_removes_its_cgroup_on_sigterm() {
 
 #[test]
 fn run_counts_in_userspace_when_configured() {
+    let _turn = common::serial();
     let path = config_file("user", "accounting: userspace\n");
     let daemon = Daemon::start(None, &["run", "--config", path.to_str().expect("utf-8")]);
     let line = daemon.wait_for("accounting:");
