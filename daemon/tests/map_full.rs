@@ -1,6 +1,7 @@
 //! A full kernel map is counted and logged (aya-log, through the daemon's `tracing`) and never
 //! fatal: sockets that found no room are counted in user space, with the same exact totals.
 
+#[path = "common/mod.rs"]
 mod common;
 
 use std::{
@@ -98,11 +99,7 @@ async fn overflow(acc: Accounting) {
     assert_eq!(stats.close_ring_full, 0, "{stats:?}");
 }
 
-#[test]
 fn full_maps_are_counted_logged_and_not_fatal() {
-    if !common::root_or_skip("full_maps_are_counted_logged_and_not_fatal") {
-        return;
-    }
     let captured = Captured::default();
     let writer = captured.clone();
     tracing_subscriber::fmt()
@@ -119,4 +116,10 @@ fn full_maps_are_counted_logged_and_not_fatal() {
     let text = captured.text();
     assert!(text.contains("tcp socket map full"), "{text}");
     assert!(text.contains("udp socket map full"), "{text}");
+}
+
+tests![root full_maps_are_counted_logged_and_not_fatal];
+
+fn main() {
+    common::harness::main(tests());
 }

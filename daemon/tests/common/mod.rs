@@ -6,6 +6,7 @@
 )]
 
 pub mod daemon;
+pub mod harness;
 pub mod topo;
 
 use std::{
@@ -26,7 +27,7 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tpacct::{
-    accounting::{Accounting, Counters, Meter, Mode, Tracked},
+    accounting::{Accounting, Counters, Mode, Tracked},
     cgroup,
     config::{AccountingMode, AccountingSettings},
 };
@@ -44,15 +45,6 @@ static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// How long `finish` may wait for the kernel's close event in tests.
 pub const GRACE: Duration = Duration::from_secs(5);
-
-/// True when running as root; otherwise prints why `test` is skipped.
-pub fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipping {test}: needs root (network namespaces, cgroups, eBPF)");
-    false
-}
 
 /// A network namespace made with `ip netns`, deleted on drop.
 pub struct Netns {
@@ -96,29 +88,27 @@ pub fn run(args: &[&str]) {
     assert!(status.success(), "{args:?} failed: {status}");
 }
 
-/// Runs `body` in a fresh network namespace, on its own thread and runtime, with accounting
-/// started in `mode` (eBPF attached to a cgroup made for this test).
-pub fn with_accounting<F, Fut>(test: &str, mode: Mode, body: F)
+/// Runs `body` in a fresh network namespace, on its own thread and runtime, with eBPF
+/// accounting attached to a cgroup made for this test. (User-space counting is tested through
+/// the real relay, where the relay's reports are what is under test.)
+pub fn with_ebpf<F, Fut>(test: &str, body: F)
 where
     F: FnOnce(Accounting) -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
 {
-    let wanted = match mode {
-        Mode::Ebpf => AccountingMode::Ebpf,
-        Mode::Userspace => AccountingMode::Userspace,
-    };
-    with_settings(test, AccountingSettings::with_mode(wanted), body);
+    with_settings(
+        test,
+        AccountingSettings::with_mode(AccountingMode::Ebpf),
+        body,
+    );
 }
 
-/// [`with_accounting`] with explicit settings (the cgroup is always the test's own).
+/// [`with_ebpf`] with explicit settings (the cgroup is always the test's own).
 pub fn with_settings<F, Fut>(test: &str, mut settings: AccountingSettings, body: F)
 where
     F: FnOnce(Accounting) -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
 {
-    if !root_or_skip(test) {
-        return;
-    }
     let _turn = SERIAL
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -192,26 +182,25 @@ pub fn pattern(offset: u64, buf: &mut [u8]) {
     }
 }
 
-/// Writes `n` pattern bytes, reporting them to `meter`.
-pub async fn send(stream: &mut TcpStream, n: u64, meter: &Meter) {
+/// Writes `n` pattern bytes.
+pub async fn send(stream: &mut TcpStream, n: u64) {
     let mut buf = vec![0u8; 256 * 1024];
     let mut sent = 0u64;
     while sent < n {
         let len = (n - sent).min(buf.len() as u64) as usize;
         pattern(sent, &mut buf[..len]);
         stream.write_all(&buf[..len]).await.expect("write");
-        meter.add_tx(len as u64);
         sent += len as u64;
     }
 }
 
-/// Reads until EOF, checking the pattern, reporting to `meter`; returns the byte count.
-pub async fn recv_to_eof(stream: &mut TcpStream, meter: &Meter) -> u64 {
-    recv_up_to(stream, u64::MAX, meter).await
+/// Reads until EOF, checking the pattern; returns the byte count.
+pub async fn recv_to_eof(stream: &mut TcpStream) -> u64 {
+    recv_up_to(stream, u64::MAX).await
 }
 
 /// Reads exactly `n` bytes (or until EOF), checking the pattern.
-pub async fn recv_up_to(stream: &mut TcpStream, n: u64, meter: &Meter) -> u64 {
+pub async fn recv_up_to(stream: &mut TcpStream, n: u64) -> u64 {
     let mut buf = vec![0u8; 256 * 1024];
     let mut expect = vec![0u8; 256 * 1024];
     let mut got = 0u64;
@@ -223,7 +212,6 @@ pub async fn recv_up_to(stream: &mut TcpStream, n: u64, meter: &Meter) -> u64 {
         }
         pattern(got, &mut expect[..len]);
         assert!(buf[..len] == expect[..len], "payload corrupted at {got}");
-        meter.add_rx(len as u64);
         got += len as u64;
     }
     got
@@ -277,15 +265,14 @@ pub async fn one_way(acc: &Accounting, pair: Pair, n: u64, upload: bool) -> [u64
     } else {
         (server, server_t, client, client_t)
     };
-    let (tx_m, rx_m) = (tx_t.meter().clone(), rx_t.meter().clone());
     tokio::join!(
         async move {
-            send(&mut tx_s, n, &tx_m).await;
+            send(&mut tx_s, n).await;
             tx_s.shutdown().await.expect("shutdown");
-            assert_eq!(recv_to_eof(&mut tx_s, &tx_m).await, 0);
+            assert_eq!(recv_to_eof(&mut tx_s).await, 0);
         },
         async move {
-            assert_eq!(recv_to_eof(&mut rx_s, &rx_m).await, n);
+            assert_eq!(recv_to_eof(&mut rx_s).await, n);
         }
     );
     let cookies = [tx_t.cookie(), rx_t.cookie()];
@@ -294,33 +281,6 @@ pub async fn one_way(acc: &Accounting, pair: Pair, n: u64, upload: bool) -> [u64
     assert_eq!(tx_final, counters(0, n), "sender of {n} B {dir}");
     assert_eq!(rx_final, counters(n, 0), "receiver of {n} B {dir}");
     cookies
-}
-
-/// Declares `mod $scenario { fn ebpf(); fn userspace(); }`: the async fn `$scenario(Accounting)`
-/// run under each accounting backend, with the same assertions.
-#[macro_export]
-macro_rules! both_modes {
-    ($scenario:ident) => {
-        mod $scenario {
-            #[test]
-            fn ebpf() {
-                $crate::common::with_accounting(
-                    concat!(stringify!($scenario), "-ebpf"),
-                    tpacct::accounting::Mode::Ebpf,
-                    super::$scenario,
-                );
-            }
-
-            #[test]
-            fn userspace() {
-                $crate::common::with_accounting(
-                    concat!(stringify!($scenario), "-userspace"),
-                    tpacct::accounting::Mode::Userspace,
-                    super::$scenario,
-                );
-            }
-        }
-    };
 }
 
 /// Descriptors this test process has open.

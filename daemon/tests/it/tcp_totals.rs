@@ -1,10 +1,9 @@
-//! Exact TCP payload totals at close, eBPF and user space alike: transfers of 0 B to 100 MiB
+//! Exact TCP payload totals at close from the eBPF programs: transfers of 0 B to 100 MiB
 //! each way, half-close, abortive close (RST), IPv6.
 
-mod common;
-
-use common::{
+use crate::common::{
     GRACE, Pair, abort, counters, one_way, quickack, recv_to_eof, recv_up_to, send, tcp_pair,
+    with_ebpf,
 };
 use tokio::io::AsyncWriteExt;
 use tpacct::accounting::Accounting;
@@ -32,15 +31,14 @@ async fn half_close(acc: Accounting) {
         client_t,
         server_t,
     } = tcp_pair(&acc, "127.0.0.1").await;
-    let (cm, sm) = (client_t.meter().clone(), server_t.meter().clone());
     let client_side = async move {
-        send(&mut client, request, &cm).await;
+        send(&mut client, request).await;
         client.shutdown().await.expect("shutdown");
-        assert_eq!(recv_to_eof(&mut client, &cm).await, reply);
+        assert_eq!(recv_to_eof(&mut client).await, reply);
     };
     let server_side = async move {
-        assert_eq!(recv_to_eof(&mut server, &sm).await, request);
-        send(&mut server, reply, &sm).await;
+        assert_eq!(recv_to_eof(&mut server).await, request);
+        send(&mut server, reply).await;
     };
     tokio::join!(client_side, server_side);
     let (c, s) = tokio::join!(acc.finish(&client_t, GRACE), acc.finish(&server_t, GRACE));
@@ -58,17 +56,16 @@ async fn reset(acc: Accounting) {
         client_t,
         server_t,
     } = tcp_pair(&acc, "127.0.0.1").await;
-    let (cm, sm) = (client_t.meter().clone(), server_t.meter().clone());
     let client_side = async move {
-        send(&mut client, n, &cm).await;
+        send(&mut client, n).await;
         quickack(&client);
-        assert_eq!(recv_up_to(&mut client, 1, &cm).await, 1);
+        assert_eq!(recv_up_to(&mut client, 1).await, 1);
         quickack(&client);
         abort(client);
     };
     let server_side = async move {
-        assert_eq!(recv_up_to(&mut server, n, &sm).await, n);
-        send(&mut server, 1, &sm).await;
+        assert_eq!(recv_up_to(&mut server, n).await, n);
+        send(&mut server, 1).await;
         // The reset ends the server's reads with ECONNRESET (or EOF if it lands first).
         let mut byte = [0u8; 1];
         let _ = tokio::io::AsyncReadExt::read(&mut server, &mut byte).await;
@@ -79,6 +76,16 @@ async fn reset(acc: Accounting) {
     assert_eq!(s, counters(n, 1), "server (reset receiver)");
 }
 
-both_modes!(sizes_both_ways);
-both_modes!(half_close);
-both_modes!(reset);
+fn sizes_each_way() {
+    with_ebpf("sizes", sizes_both_ways);
+}
+
+fn half_close_totals() {
+    with_ebpf("half_close", half_close);
+}
+
+fn reset_totals() {
+    with_ebpf("reset", reset);
+}
+
+crate::tests![root sizes_each_way, root half_close_totals, root reset_totals];

@@ -2,15 +2,13 @@
 //! behind what the receiving application had read one second earlier. Covers a send-only and a
 //! receive-only socket in each direction.
 
-mod common;
-
 use std::{
     cell::Cell,
     rc::Rc,
     time::{Duration, Instant},
 };
 
-use common::{GRACE, Pair, counters, pattern, tcp_pair};
+use crate::common::{GRACE, Pair, counters, pattern, tcp_pair, with_ebpf};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tpacct::accounting::Accounting;
 
@@ -36,7 +34,6 @@ async fn stream_one_way(acc: Accounting, upload: bool) {
     let read_total = Rc::new(Cell::new(0u64));
     let start = Instant::now();
 
-    let (tx_m, rx_m) = (tx_t.meter().clone(), rx_t.meter().clone());
     let sender = async move {
         let mut buf = vec![0u8; CHUNK];
         let mut sent = 0u64;
@@ -45,7 +42,6 @@ async fn stream_one_way(acc: Accounting, upload: bool) {
             tick.tick().await;
             pattern(sent, &mut buf);
             tx_s.write_all(&buf).await.expect("write");
-            tx_m.add_tx(CHUNK as u64);
             sent += CHUNK as u64;
         }
         tx_s.shutdown().await.expect("shutdown");
@@ -59,7 +55,6 @@ async fn stream_one_way(acc: Accounting, upload: bool) {
             if n == 0 {
                 break;
             }
-            rx_m.add_rx(n as u64);
             total.set(total.get() + n as u64);
         }
     };
@@ -108,5 +103,12 @@ async fn live_download(acc: Accounting) {
     stream_one_way(acc, false).await;
 }
 
-both_modes!(live_upload);
-both_modes!(live_download);
+fn live_upload_ebpf() {
+    with_ebpf("live_up", live_upload);
+}
+
+fn live_download_ebpf() {
+    with_ebpf("live_down", live_download);
+}
+
+crate::tests![root live_upload_ebpf, root live_download_ebpf];

@@ -1,14 +1,12 @@
 //! UDP through TPROXY: request/response where the reply's source is the original destination,
 //! session expiry after the idle timeout, exact totals in both accounting modes, IPv6.
 
-mod common;
-
 use std::{
     net::UdpSocket,
     time::{Duration, Instant},
 };
 
-use common::topo::{SERVER4, SERVER6, Topology, socket, spawn_in, with_gateway};
+use crate::common::topo::{SERVER4, SERVER6, Topology, socket, spawn_in, with_gateway};
 use tpacct::{
     config::AccountingMode,
     registry::{Network, Traffic},
@@ -21,7 +19,7 @@ fn reply_size(request: usize) -> usize {
     (request * 2).min(60_000)
 }
 
-fn request_response(topo: &Topology, gw: &common::topo::Gateway, server_ip: &str) {
+fn request_response(topo: &Topology, gw: &crate::common::topo::Gateway, server_ip: &str) {
     let port = 5353;
     let server_addr = socket(server_ip, port);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -94,7 +92,6 @@ fn request_response(topo: &Topology, gw: &common::topo::Gateway, server_ip: &str
     assert_eq!(closed.meta.route.chains, ["DIRECT"]);
 }
 
-#[test]
 fn request_response_ebpf() {
     with_gateway(
         "udp_ebpf",
@@ -106,7 +103,6 @@ fn request_response_ebpf() {
     );
 }
 
-#[test]
 fn request_response_userspace() {
     with_gateway(
         "udp_user",
@@ -118,7 +114,6 @@ fn request_response_userspace() {
     );
 }
 
-#[test]
 fn ipv6_udp() {
     with_gateway(
         "udp6",
@@ -129,3 +124,9 @@ fn ipv6_udp() {
         },
     );
 }
+
+crate::tests![
+    root request_response_ebpf,
+    root request_response_userspace,
+    root ipv6_udp,
+];

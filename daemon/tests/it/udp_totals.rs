@@ -1,32 +1,22 @@
 //! Exact UDP payload totals: datagrams of known sizes each way over IPv4 and IPv6; live values
 //! exact after each exchange; entries gone once the sockets are released.
 
-mod common;
-
-use common::{GRACE, counters};
+use crate::common::{GRACE, counters, with_ebpf};
 use tokio::net::UdpSocket;
-use tpacct::accounting::{Accounting, Tracked};
+use tpacct::accounting::Accounting;
 
 /// Sizes sent by the client, then by the server (0-byte datagrams included).
 const UP: [usize; 7] = [0, 1, 100, 512, 1400, 9000, 65_000];
 const DOWN: [usize; 5] = [1, 3, 1200, 30_000, 0];
 
 /// Sends one datagram of each size from `from` to `to`, checking each arrives whole.
-async fn datagrams(
-    from: &UdpSocket,
-    from_t: &Tracked,
-    to: &UdpSocket,
-    to_t: &Tracked,
-    sizes: &[usize],
-) {
+async fn datagrams(from: &UdpSocket, to: &UdpSocket, sizes: &[usize]) {
     let mut buf = vec![0u8; 70_000];
     for (i, &size) in sizes.iter().enumerate() {
         let payload = vec![i as u8; size];
         assert_eq!(from.send(&payload).await.expect("send"), size);
-        from_t.meter().add_tx(size as u64);
         let got = to.recv(&mut buf).await.expect("recv");
         assert_eq!(got, size);
-        to_t.meter().add_rx(got as u64);
     }
 }
 
@@ -44,8 +34,8 @@ async fn exchange(acc: Accounting, addr: &str) {
     let client_t = acc.track(&client).expect("track client");
     let server_t = acc.track(&server).expect("track server");
 
-    datagrams(&client, &client_t, &server, &server_t, &UP).await;
-    datagrams(&server, &server_t, &client, &client_t, &DOWN).await;
+    datagrams(&client, &server, &UP).await;
+    datagrams(&server, &client, &DOWN).await;
     let (up, down) = (
         UP.iter().sum::<usize>() as u64,
         DOWN.iter().sum::<usize>() as u64,
@@ -75,4 +65,8 @@ async fn both_families(acc: Accounting) {
     exchange(acc, "::1").await;
 }
 
-both_modes!(both_families);
+fn datagrams_both_families() {
+    with_ebpf("udp_totals", both_families);
+}
+
+crate::tests![root datagrams_both_families];

@@ -2,22 +2,26 @@
 //! transfer with checksums and exact registry totals, half-close, server-first protocols,
 //! sniffing, unreachable upstreams, close on demand, IPv6.
 
-mod common;
-
 use std::{
     io::{Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
 
-use common::topo::{
+use crate::common::topo::{
     CLIENT4, SERVER4, SERVER6, Topology, read_all, socket, spawn_in, with_gateway, write_pattern,
 };
 use tpacct::{config::AccountingMode, registry::Traffic};
 
 /// The server reads everything the client sends, then answers with `reply` bytes; the
 /// client checks the answer. Returns the closed flow's traffic.
-fn exchange(topo: &Topology, gw: &common::topo::Gateway, server_ip: &str, up: u64, down: u64) {
+fn exchange(
+    topo: &Topology,
+    gw: &crate::common::topo::Gateway,
+    server_ip: &str,
+    up: u64,
+    down: u64,
+) {
     let port = 5001;
     let listen = socket(server_ip, port);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -62,7 +66,7 @@ fn exchange(topo: &Topology, gw: &common::topo::Gateway, server_ip: &str, up: u6
         if server_ip == SERVER4 {
             CLIENT4
         } else {
-            common::topo::CLIENT6
+            crate::common::topo::CLIENT6
         }
     );
     let totals = gw.registry.totals();
@@ -77,7 +81,6 @@ fn exchange(topo: &Topology, gw: &common::topo::Gateway, server_ip: &str, up: u6
 
 const MIB10: u64 = 10 << 20;
 
-#[test]
 fn bulk_each_way_ebpf() {
     with_gateway(
         "bulk_ebpf",
@@ -89,7 +92,6 @@ fn bulk_each_way_ebpf() {
     );
 }
 
-#[test]
 fn bulk_each_way_userspace() {
     with_gateway(
         "bulk_user",
@@ -101,7 +103,6 @@ fn bulk_each_way_userspace() {
     );
 }
 
-#[test]
 fn ipv6_tcp() {
     with_gateway(
         "tcp6",
@@ -113,7 +114,6 @@ fn ipv6_tcp() {
     );
 }
 
-#[test]
 fn half_close_reply_arrives_in_full() {
     // The client shuts its write side after 1 KiB; the server reads to EOF and only then
     // sends 5 MB back over the half-open connection.
@@ -144,7 +144,6 @@ fn one_shot_server<T: Send + 'static>(
     handle
 }
 
-#[test]
 fn server_first_banner_is_not_held_back() {
     with_gateway(
         "banner",
@@ -174,7 +173,6 @@ fn server_first_banner_is_not_held_back() {
     );
 }
 
-#[test]
 fn sni_and_host_are_sniffed() {
     with_gateway(
         "sniff",
@@ -235,14 +233,13 @@ fn sni_and_host_are_sniffed() {
     );
 }
 
-#[test]
 fn unreachable_upstreams_reset_the_client_promptly() {
     with_gateway(
         "unreachable",
         AccountingMode::Ebpf,
         |_| {},
         |topo, gw| {
-            let fds = common::open_fds();
+            let fds = crate::common::open_fds();
             // A closed port (the server answers with a reset) and an address with no route.
             for (target, what) in [
                 (socket(SERVER4, 9), "refused"),
@@ -273,20 +270,19 @@ fn unreachable_upstreams_reset_the_client_promptly() {
             }
             // Nothing left open in the daemon (settle: the gateway's sockets close asynchronously).
             let deadline = Instant::now() + Duration::from_secs(5);
-            while common::open_fds() > fds && Instant::now() < deadline {
+            while crate::common::open_fds() > fds && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
             assert!(
-                common::open_fds() <= fds,
+                crate::common::open_fds() <= fds,
                 "fds: {} before, {} after",
                 fds,
-                common::open_fds()
+                crate::common::open_fds()
             );
         },
     );
 }
 
-#[test]
 fn closing_a_flow_ends_both_sockets_within_100ms() {
     with_gateway(
         "close_flow",
@@ -324,3 +320,14 @@ fn closing_a_flow_ends_both_sockets_within_100ms() {
         },
     );
 }
+
+crate::tests![
+    root bulk_each_way_ebpf,
+    root bulk_each_way_userspace,
+    root ipv6_tcp,
+    root half_close_reply_arrives_in_full,
+    root server_first_banner_is_not_held_back,
+    root sni_and_host_are_sniffed,
+    root unreachable_upstreams_reset_the_client_promptly,
+    root closing_a_flow_ends_both_sockets_within_100ms,
+];

@@ -1,14 +1,12 @@
 //! 20,000 short TCP connections: each gets exact final totals, and afterwards the kernel map
 //! holds no entry for any of them (entries live exactly as long as their socket).
 
-mod common;
-
 use std::time::Duration;
 
-use common::{Pair, one_way};
+use crate::common::{Pair, one_way, with_ebpf};
 use futures_util::{StreamExt, stream};
 use tokio::net::{TcpListener, TcpStream};
-use tpacct::accounting::{Accounting, Mode};
+use tpacct::accounting::Accounting;
 
 const CONNECTIONS: usize = 20_000;
 const CONCURRENCY: usize = 64;
@@ -38,19 +36,26 @@ async fn churn(acc: Accounting) {
         .collect()
         .await;
     assert_eq!(cookies.len(), CONNECTIONS);
-    if acc.mode() == Mode::Ebpf {
-        // Close events precede removal; give the last removals a moment to land.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let held = cookies
+    // The kernel removes an entry right after its close event; wait for the last removals.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let held = |acc: &Accounting| {
+        cookies
             .iter()
             .flatten()
             .filter(|&&c| acc.kernel_holds(c))
-            .count();
-        assert_eq!(held, 0, "kernel entries left for closed sockets");
-        let stats = acc.kernel_stats().expect("ebpf stats");
-        assert_eq!(stats.tcp_entries, 0, "{stats:?}");
-        assert_eq!(stats.tcp_map_full + stats.close_ring_full, 0, "{stats:?}");
+            .count()
+    };
+    while held(&acc) > 0 && std::time::Instant::now() < deadline {
+        tokio::task::yield_now().await;
     }
+    assert_eq!(held(&acc), 0, "kernel entries left for closed sockets");
+    let stats = acc.kernel_stats().expect("ebpf stats");
+    assert_eq!(stats.tcp_entries, 0, "{stats:?}");
+    assert_eq!(stats.tcp_map_full + stats.close_ring_full, 0, "{stats:?}");
 }
 
-both_modes!(churn);
+fn short_connections() {
+    with_ebpf("churn", churn);
+}
+
+crate::tests![root short_connections];

@@ -171,7 +171,6 @@ fn same_shape(path: &str, ours: &Value, theirs: &Value, all_keys: bool) {
     }
 }
 
-#[tokio::test]
 async fn root_and_version() {
     let api = api("").await;
     let (s, body, _) = call(&api, get("/")).await;
@@ -186,7 +185,6 @@ async fn root_and_version() {
     same_shape("version", &body, &reference("version.json"), true);
 }
 
-#[tokio::test]
 async fn auth_on_needs_the_bearer_token_and_token_only_on_websocket() {
     let api = api("s3cr3t").await;
     for req in [
@@ -214,13 +212,11 @@ async fn auth_on_needs_the_bearer_token_and_token_only_on_websocket() {
     assert_ne!(call(&api, upgrade).await.0, StatusCode::UNAUTHORIZED);
 }
 
-#[tokio::test]
 async fn auth_off_lets_everything_through() {
     let api = api("").await;
     assert_eq!(call(&api, get("/connections")).await.0, StatusCode::OK);
 }
 
-#[tokio::test]
 async fn cors_preflight_needs_no_token() {
     let api = api("s3cr3t").await;
     let preflight = Request::builder()
@@ -256,7 +252,6 @@ async fn cors_preflight_needs_no_token() {
     assert_eq!(h["access-control-allow-private-network"], "true");
 }
 
-#[tokio::test]
 async fn connections_live_closed_and_closing() {
     let mut api = api("").await;
     let (s, empty, _) = call(&api, get("/connections")).await;
@@ -345,7 +340,6 @@ async fn connections_live_closed_and_closing() {
     assert_eq!(none["connections"], Value::Array(vec![]));
 }
 
-#[tokio::test]
 async fn bad_query_values_are_json_400s() {
     let api = api("").await;
     for uri in [
@@ -365,7 +359,6 @@ async fn bad_query_values_are_json_400s() {
     assert!(body["message"].is_string());
 }
 
-#[tokio::test]
 async fn traffic_and_memory_stream_lines() {
     let api = api("").await;
     let traffic = first_line(&api, "/traffic").await;
@@ -378,7 +371,6 @@ async fn traffic_and_memory_stream_lines() {
     );
 }
 
-#[tokio::test]
 async fn configs_read_and_patch() {
     let api = api("").await;
     let (s, body, _) = call(&api, get("/configs")).await;
@@ -401,7 +393,6 @@ async fn configs_read_and_patch() {
     }
 }
 
-#[tokio::test]
 async fn proxies_groups_and_rules() {
     let api = api("").await;
     let (s, body, _) = call(&api, get("/proxies")).await;
@@ -484,7 +475,6 @@ async fn test_server(status: Option<u16>) -> SocketAddr {
     addr
 }
 
-#[tokio::test]
 async fn delay_tests_run_a_real_head_and_keep_one_history() {
     let api = api("").await;
     let ok = test_server(Some(204)).await;
@@ -661,7 +651,6 @@ impl Drop for TlsServer {
     }
 }
 
-#[tokio::test]
 async fn https_delay_tests_verify_the_certificate() {
     let api = api("").await;
     let server = TlsServer::start();
@@ -678,7 +667,6 @@ async fn https_delay_tests_verify_the_certificate() {
     );
 }
 
-#[tokio::test]
 async fn logs_stream_records_at_or_above_the_level() {
     tpacct::logging::init(tpacct::config::LogLevel::Info);
     let api = api("").await;
@@ -701,3 +689,18 @@ async fn logs_stream_records_at_or_above_the_level() {
     assert_eq!(line["type"], "warning");
     assert_eq!(line["payload"], "a warning for the dashboard");
 }
+
+crate::tests![
+    tokio root_and_version,
+    tokio auth_on_needs_the_bearer_token_and_token_only_on_websocket,
+    tokio auth_off_lets_everything_through,
+    tokio cors_preflight_needs_no_token,
+    tokio connections_live_closed_and_closing,
+    tokio bad_query_values_are_json_400s,
+    tokio traffic_and_memory_stream_lines,
+    tokio configs_read_and_patch,
+    tokio proxies_groups_and_rules,
+    tokio delay_tests_run_a_real_head_and_keep_one_history,
+    tokio https_delay_tests_verify_the_certificate,
+    tokio logs_stream_records_at_or_above_the_level,
+];

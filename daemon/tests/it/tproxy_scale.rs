@@ -1,11 +1,9 @@
 //! 1,000 concurrent connections through TPROXY, then all closed: the registry and the
 //! process's open descriptors return to where they were.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::topo::{SERVER4, socket, spawn_in, with_gateway};
+use crate::common::topo::{SERVER4, socket, spawn_in, with_gateway};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -21,14 +19,13 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
-#[test]
 fn thousand_concurrent_connections_then_baseline() {
     with_gateway(
         "scale",
         AccountingMode::Ebpf,
         |_| {},
         |topo, gw| {
-            let before = common::open_fds();
+            let before = crate::common::open_fds();
             let target = socket(SERVER4, 6000);
             // Server: echoes each connection's bytes until EOF.
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -86,14 +83,18 @@ fn thousand_concurrent_connections_then_baseline() {
             assert_eq!(gw.registry.closed(usize::MAX).len(), CONNECTIONS);
 
             let deadline = Instant::now() + Duration::from_secs(5);
-            while common::open_fds() > before && Instant::now() < deadline {
+            while crate::common::open_fds() > before && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
             assert!(
-                common::open_fds() <= before,
+                crate::common::open_fds() <= before,
                 "fds: {before} before, {} after",
-                common::open_fds()
+                crate::common::open_fds()
             );
         },
     );
 }
+
+crate::tests![
+    root thousand_concurrent_connections_then_baseline,
+];

@@ -2,15 +2,13 @@
 //! traffic captured) while running, gone after SIGTERM; after SIGKILL they stay, and the next
 //! start cleans them and installs exactly one set.
 
-mod common;
-
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
     process::Command,
 };
 
-use common::{
+use crate::common::{
     daemon::Daemon,
     topo::{SERVER4, Topology, socket, spawn_in},
 };
@@ -90,12 +88,8 @@ fn cgroup_of(line: &str) -> std::path::PathBuf {
     tpacct::cgroup::v2_mount().expect("cgroup2").join(name)
 }
 
-#[test]
 fn rules_follow_the_daemon_through_sigterm_and_sigkill() {
-    if !common::root_or_skip("rules_follow_the_daemon_through_sigterm_and_sigkill") {
-        return;
-    }
-    let _turn = common::serial();
+    let _turn = crate::common::serial();
     let topo = Topology::new();
     let gw = topo.gateway.name.clone();
     let config = config_file("cycle");
@@ -132,3 +126,7 @@ fn rules_follow_the_daemon_through_sigterm_and_sigkill() {
     assert!(daemon.terminate().success());
     assert_eq!(installed(&gw), none);
 }
+
+crate::tests![
+    root rules_follow_the_daemon_through_sigterm_and_sigkill,
+];

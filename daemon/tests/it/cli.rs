@@ -1,16 +1,14 @@
 //! The `tpacctd` binary: `--version`, `check` (exit 64 naming the key and line), and `run`
 //! reporting its accounting mode and cleaning up its cgroup on SIGTERM.
 
-mod common;
-
 use std::{
     path::PathBuf,
     process::{Command, Output},
 };
 
-use common::daemon::Daemon;
+use crate::common::daemon::Daemon;
 
-use common::daemon::BIN;
+use crate::common::daemon::BIN;
 
 fn config_file(name: &str, text: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("tpacct-cli-{}-{name}.yaml", std::process::id()));
@@ -22,7 +20,6 @@ fn tpacctd(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().expect("run tpacctd")
 }
 
-#[test]
 fn version() {
     let out = tpacctd(&["--version"]);
     assert!(out.status.success());
@@ -32,14 +29,12 @@ fn version() {
     );
 }
 
-#[test]
 fn check_accepts_a_valid_config() {
     let path = config_file("ok", "log-level: warning\naccounting: auto\n");
     let out = tpacctd(&["check", "--config", path.to_str().expect("utf-8")]);
     assert!(out.status.success(), "{out:?}");
 }
 
-#[test]
 fn check_rejects_broken_configs_with_64_naming_the_key() {
     for (name, text, key, line) in [
         (
@@ -65,19 +60,14 @@ fn check_rejects_broken_configs_with_64_naming_the_key() {
     }
 }
 
-#[test]
 fn run_with_a_missing_config_exits_64() {
     let out = tpacctd(&["run", "--config", "/nonexistent/tpacct.yaml"]);
     assert_eq!(out.status.code(), Some(64));
 }
 
-#[test]
 fn run_uses_ebpf_and_removes_its_cgroup_on_sigterm() {
-    if !common::root_or_skip("run_uses_ebpf_and_removes_its_cgroup_on_sigterm") {
-        return;
-    }
     // Both `run` tests use this namespace's default ports: one at a time.
-    let _turn = common::serial();
+    let _turn = crate::common::serial();
     let daemon = Daemon::start(None, &["run"]);
     let line = daemon.wait_for("accounting:");
     let cgroup = line
@@ -96,9 +86,8 @@ fn run_uses_ebpf_and_removes_its_cgroup_on_sigterm() {
     assert!(!cgroup.exists(), "{} left behind", cgroup.display());
 }
 
-#[test]
 fn run_counts_in_userspace_when_configured() {
-    let _turn = common::serial();
+    let _turn = crate::common::serial();
     let path = config_file("user", "accounting: userspace\n");
     let daemon = Daemon::start(None, &["run", "--config", path.to_str().expect("utf-8")]);
     let line = daemon.wait_for("accounting:");
@@ -109,3 +98,12 @@ fn run_counts_in_userspace_when_configured() {
     daemon.wait_for("ready");
     assert!(daemon.terminate().success());
 }
+
+crate::tests![
+    any version,
+    any check_accepts_a_valid_config,
+    any check_rejects_broken_configs_with_64_naming_the_key,
+    any run_with_a_missing_config_exits_64,
+    root run_uses_ebpf_and_removes_its_cgroup_on_sigterm,
+    root run_counts_in_userspace_when_configured,
+];

@@ -1,8 +1,6 @@
 //! The Clash API end to end: real flows through TPROXY in namespaces, observed and closed
 //! over HTTP and WebSocket on the gateway's external-controller.
 
-mod common;
-
 use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
@@ -10,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::topo::{SERVER4, Topology, socket, spawn_in, with_gateway};
+use crate::common::topo::{SERVER4, Topology, socket, spawn_in, with_gateway};
 use futures_util::StreamExt;
 use serde_json::Value;
 use tpacct::config::AccountingMode;
@@ -100,7 +98,6 @@ fn holding_client(
     (open_rx, ended_rx)
 }
 
-#[test]
 fn a_live_flow_is_listed_with_metadata_and_counters_then_closed_by_id() {
     with_gateway(
         "api_flow",
@@ -230,7 +227,6 @@ fn websocket(
     })
 }
 
-#[test]
 fn websocket_connections_honour_the_interval() {
     with_gateway(
         "api_ws",
@@ -258,7 +254,6 @@ fn websocket_connections_honour_the_interval() {
     );
 }
 
-#[test]
 fn traffic_deltas_add_up_to_the_bytes_moved() {
     with_gateway(
         "api_traffic",
@@ -315,7 +310,6 @@ fn traffic_deltas_add_up_to_the_bytes_moved() {
     );
 }
 
-#[test]
 fn global_mode_follows_the_selector_in_the_data_path() {
     with_gateway(
         "api_mode",
@@ -386,3 +380,10 @@ fn global_mode_follows_the_selector_in_the_data_path() {
         },
     );
 }
+
+crate::tests![
+    root a_live_flow_is_listed_with_metadata_and_counters_then_closed_by_id,
+    root websocket_connections_honour_the_interval,
+    root traffic_deltas_add_up_to_the_bytes_moved,
+    root global_mode_follows_the_selector_in_the_data_path,
+];

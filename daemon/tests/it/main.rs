@@ -1,0 +1,37 @@
+//! Integration tests, one binary: real namespaces, real eBPF programs, real sockets and the
+//! real `tpacctd`. Tests that need root are reported as ignored without it.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod api_e2e;
+mod api_router;
+mod churn;
+mod cli;
+mod firewall;
+mod tcp_live;
+mod tcp_totals;
+mod tproxy_scale;
+mod tproxy_tcp;
+mod tproxy_udp;
+mod udp_totals;
+
+fn main() {
+    let trials = [
+        api_e2e::tests(),
+        api_router::tests(),
+        churn::tests(),
+        cli::tests(),
+        firewall::tests(),
+        tcp_live::tests(),
+        tcp_totals::tests(),
+        tproxy_scale::tests(),
+        tproxy_tcp::tests(),
+        tproxy_udp::tests(),
+        udp_totals::tests(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    common::harness::main(trials);
+}
