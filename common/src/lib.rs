@@ -2,7 +2,7 @@
 //!
 //! Every record is `#[repr(C)]`, made only of `u64`/`u32` fields laid out without implicit
 //! padding, so both sides agree on the bytes. `aya::Pod` is implemented behind feature `user`.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// Map of live TCP sockets: socket cookie → [`TcpSock`].
 pub const TCP_MAP: &str = "TPACCT_TCP";
@@ -45,6 +45,16 @@ pub mod tcp_flags {
     pub const FIN_RECEIVED: u32 = 1 << 0;
     /// The last segment parsed before the state change carried FIN.
     pub const LAST_SEGMENT_FIN: u32 = 1 << 1;
+    /// The socket reached TCP_CLOSE and `rx`/`tx` are final. The entry stays in the map only
+    /// when its close event could not be sent (ring full): user space reads and deletes it.
+    pub const CLOSED: u32 = 1 << 2;
+}
+
+/// Flags kept in [`UdpSock::flags`].
+pub mod udp_flags {
+    /// The socket was released and `rx`/`tx` are final; kept only when the close event could
+    /// not be sent (ring full), for user space to read and delete.
+    pub const CLOSED: u32 = 1 << 0;
 }
 
 /// A live TCP socket as the sock_ops program keeps it.
@@ -82,6 +92,10 @@ pub struct UdpSock {
     pub rx_packets: u64,
     /// Datagrams sent.
     pub tx_packets: u64,
+    /// [`udp_flags`].
+    pub flags: u32,
+    /// Reserved; keeps the record free of implicit padding.
+    pub _pad: u32,
 }
 
 /// Transport protocol of a [`CloseEvent`].
@@ -113,12 +127,187 @@ mod user {
     // SAFETY: all three are `#[repr(C)]`, contain only integers, and have no padding (checked
     // by the size assertions below), so any bit pattern is a valid value.
     unsafe impl aya::Pod for super::TcpSock {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::UdpSock {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::CloseEvent {}
 }
 
 const _: () = {
     assert!(core::mem::size_of::<TcpSock>() == 40);
-    assert!(core::mem::size_of::<UdpSock>() == 32);
+    assert!(core::mem::size_of::<UdpSock>() == 40);
     assert!(core::mem::size_of::<CloseEvent>() == 32);
 };
+
+/// TCP states (include/net/tcp_states.h) the accounting cares about.
+pub mod tcp_state {
+    pub const ESTABLISHED: u32 = 1;
+    pub const FIN_WAIT1: u32 = 4;
+    pub const FIN_WAIT2: u32 = 5;
+    pub const CLOSE: u32 = 7;
+    pub const CLOSE_WAIT: u32 = 8;
+    pub const LAST_ACK: u32 = 9;
+    pub const CLOSING: u32 = 11;
+}
+
+/// The kernel's counters of a TCP socket at one instant (from sock_ops or `bpf_tcp_sock`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpNow {
+    /// `bytes_received`: in-order bytes received, the peer's FIN included once it arrived.
+    pub bytes_received: u64,
+    /// `bytes_acked`: bytes the peer acknowledged, our SYN (when we opened) and FIN included.
+    pub bytes_acked: u64,
+    pub snd_una: u32,
+    pub snd_nxt: u32,
+}
+
+/// Whether our FIN has been acknowledged, judged in TCP state `state`: in FIN_WAIT2 it has; in
+/// FIN_WAIT1, CLOSING and LAST_ACK once nothing is outstanding; in other states we sent none.
+pub fn fin_acked(now: &TcpNow, state: u32) -> bool {
+    match state {
+        tcp_state::FIN_WAIT2 => true,
+        tcp_state::FIN_WAIT1 | tcp_state::CLOSING | tcp_state::LAST_ACK => {
+            now.snd_una == now.snd_nxt
+        }
+        _ => false,
+    }
+}
+
+/// Whether the state change `old` → `new` means the peer's FIN was received in order (it
+/// consumed a sequence number of `bytes_received`). The peer's FIN moves us to CLOSE_WAIT or
+/// CLOSING; from FIN_WAIT2 it ends the socket directly (TIME_WAIT is kept by a separate mini
+/// socket) while the segment being handled is the FIN itself; a reset or a timeout from
+/// FIN_WAIT2 comes without one.
+pub fn fin_received(old: u32, new: u32, flags: u32) -> bool {
+    new == tcp_state::CLOSE_WAIT
+        || new == tcp_state::CLOSING
+        || (old == tcp_state::FIN_WAIT2
+            && new == tcp_state::CLOSE
+            && flags & tcp_flags::LAST_SEGMENT_FIN != 0)
+}
+
+/// Payload totals `(rx, tx)` of `entry` given the kernel's counters `now` in state `state`: the
+/// baselines taken at establishment (the opener's SYN) and the FINs taken out.
+pub fn tcp_payload(entry: &TcpSock, now: &TcpNow, state: u32) -> (u64, u64) {
+    let fin_in = u64::from(entry.flags & tcp_flags::FIN_RECEIVED != 0);
+    let rx = now
+        .bytes_received
+        .saturating_sub(entry.rx_base)
+        .saturating_sub(fin_in);
+    let tx = now
+        .bytes_acked
+        .saturating_sub(entry.tx_base)
+        .saturating_sub(u64::from(fin_acked(now, state)));
+    (rx, tx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now(received: u64, acked: u64, una: u32, nxt: u32) -> TcpNow {
+        TcpNow {
+            bytes_received: received,
+            bytes_acked: acked,
+            snd_una: una,
+            snd_nxt: nxt,
+        }
+    }
+
+    /// An active opener: its SYN is in `bytes_acked` from the start (baseline 1).
+    fn opener() -> TcpSock {
+        TcpSock {
+            tx_base: 1,
+            ..TcpSock::default()
+        }
+    }
+
+    #[test]
+    fn established_counts_payload_only() {
+        let e = opener();
+        assert_eq!(
+            tcp_payload(&e, &now(500, 1001, 9, 9), tcp_state::ESTABLISHED),
+            (500, 1000)
+        );
+    }
+
+    #[test]
+    fn our_fin_comes_out_once_acknowledged() {
+        let e = opener();
+        // FIN sent, not yet acknowledged: bytes_acked has not moved past the data.
+        assert_eq!(
+            tcp_payload(&e, &now(0, 1001, 10, 11), tcp_state::FIN_WAIT1),
+            (0, 1000)
+        );
+        // FIN acknowledged: bytes_acked grew by one, which is not payload.
+        assert_eq!(
+            tcp_payload(&e, &now(0, 1002, 11, 11), tcp_state::FIN_WAIT1),
+            (0, 1000)
+        );
+        assert_eq!(
+            tcp_payload(&e, &now(0, 1002, 11, 11), tcp_state::FIN_WAIT2),
+            (0, 1000)
+        );
+        assert_eq!(
+            tcp_payload(&e, &now(0, 1002, 11, 11), tcp_state::LAST_ACK),
+            (0, 1000)
+        );
+    }
+
+    #[test]
+    fn the_peers_fin_comes_out_once_received() {
+        let mut e = opener();
+        assert!(fin_received(
+            tcp_state::ESTABLISHED,
+            tcp_state::CLOSE_WAIT,
+            0
+        ));
+        e.flags |= tcp_flags::FIN_RECEIVED;
+        assert_eq!(
+            tcp_payload(&e, &now(701, 1, 0, 0), tcp_state::CLOSE_WAIT),
+            (700, 0)
+        );
+    }
+
+    #[test]
+    fn fin_wait2_to_close_needs_the_fin_segment() {
+        let (old, new) = (tcp_state::FIN_WAIT2, tcp_state::CLOSE);
+        assert!(fin_received(old, new, tcp_flags::LAST_SEGMENT_FIN));
+        assert!(
+            !fin_received(old, new, 0),
+            "a reset or timeout carries no FIN"
+        );
+        assert!(!fin_received(tcp_state::ESTABLISHED, tcp_state::CLOSE, 0));
+    }
+
+    #[test]
+    fn a_passive_opener_has_its_own_baseline() {
+        // Passive side: the peer's SYN is in bytes_received at establishment.
+        let e = TcpSock {
+            rx_base: 1,
+            ..TcpSock::default()
+        };
+        assert_eq!(
+            tcp_payload(&e, &now(1, 0, 5, 5), tcp_state::ESTABLISHED),
+            (0, 0)
+        );
+        assert_eq!(
+            tcp_payload(&e, &now(65, 40, 5, 5), tcp_state::ESTABLISHED),
+            (64, 40)
+        );
+    }
+
+    #[test]
+    fn counters_never_go_below_zero() {
+        let e = TcpSock {
+            rx_base: 100,
+            tx_base: 100,
+            flags: tcp_flags::FIN_RECEIVED,
+            ..TcpSock::default()
+        };
+        assert_eq!(
+            tcp_payload(&e, &now(50, 50, 1, 1), tcp_state::LAST_ACK),
+            (0, 0)
+        );
+    }
+}

@@ -14,7 +14,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use tpacct_common::{
-    CLOSE_RING_BYTES, CloseEvent, MAX_SOCKETS, Stat, TcpSock, UdpSock, proto, tcp_flags,
+    CLOSE_RING_BYTES, CloseEvent, MAX_SOCKETS, Stat, TcpNow, TcpSock, UdpSock, fin_received, proto,
+    tcp_flags, tcp_payload, tcp_state, udp_flags,
 };
 
 #[btf_map]
@@ -28,14 +29,6 @@ static TPACCT_CLOSED: RingBuf<CloseEvent, { CLOSE_RING_BYTES as usize }> = RingB
 
 #[btf_map]
 static TPACCT_STATS: PerCpuArray<u64, { Stat::COUNT as usize }> = PerCpuArray::new();
-
-// TCP states (include/net/tcp_states.h).
-const TCP_FIN_WAIT1: u32 = 4;
-const TCP_FIN_WAIT2: u32 = 5;
-const TCP_CLOSE: u32 = 7;
-const TCP_CLOSE_WAIT: u32 = 8;
-const TCP_LAST_ACK: u32 = 9;
-const TCP_CLOSING: u32 = 11;
 
 const TCPHDR_FIN: u32 = 0x01;
 const IPPROTO_TCP: u8 = 6;
@@ -53,8 +46,10 @@ fn log_allowed(kind: Stat) -> bool {
     let Some(last) = TPACCT_LAST_LOG.get_ptr_mut(kind as u32) else {
         return false;
     };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    // Per-CPU slot: no other writer on this CPU while we run.
+    // SAFETY: the pointer came from a successful lookup of a per-CPU slot, which stays valid
+    // while the program runs and has no other writer on this CPU.
     let last = unsafe { &mut *last };
     if *last != 0 && now.wrapping_sub(*last) < LOG_INTERVAL_NS {
         return false;
@@ -65,7 +60,8 @@ fn log_allowed(kind: Stat) -> bool {
 
 fn bump(stat: Stat) {
     if let Some(slot) = TPACCT_STATS.get_ptr_mut(stat as u32) {
-        // Per-CPU slot: no other writer on this CPU while we run.
+        // SAFETY: a valid per-CPU slot from a successful lookup; no other writer on this CPU
+        // while we run.
         unsafe { *slot += 1 };
     }
 }
@@ -73,6 +69,8 @@ fn bump(stat: Stat) {
 /// `*p += v` as one BPF atomic instruction (two CPUs may count the same UDP socket at once).
 #[inline(always)]
 fn atomic_add(p: *mut u64, v: u64) {
+    // SAFETY: callers pass a pointer to a u64 field of a live map value; the instruction is a
+    // single atomic add to it.
     unsafe {
         core::arch::asm!(
             "lock *(u64 *)({p} + 0) += {v}",
@@ -82,10 +80,14 @@ fn atomic_add(p: *mut u64, v: u64) {
     }
 }
 
-fn close_event(event: CloseEvent) {
+/// Sends final totals to user space; false (and counted) when the ring is full, in which case
+/// the caller keeps the map entry, marked closed, for user space to collect.
+fn close_event(event: CloseEvent) -> bool {
     if TPACCT_CLOSED.output(event, 0).is_err() {
         bump(Stat::CloseRingFull);
+        return false;
     }
+    true
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -107,12 +109,19 @@ pub fn tpacct_sock_ops(ctx: SockOpsContext) -> u32 {
 }
 
 fn ops(ctx: &SockOpsContext) -> &bpf_sock_ops {
+    // SAFETY: the kernel passes a valid bpf_sock_ops for the program's whole run.
     unsafe { &*ctx.ops }
+}
+
+fn cookie_of<C: EbpfContext>(ctx: &C) -> u64 {
+    // SAFETY: the context pointer is the program's own context, of a type the helper accepts
+    // (sock_ops, skb, sock).
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
 fn tcp_established(ctx: &SockOpsContext) {
     let o = ops(ctx);
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = cookie_of(ctx);
     let entry = TcpSock {
         rx_base: u64::from(o.bytes_received),
         tx_base: o.bytes_acked,
@@ -134,45 +143,18 @@ fn tcp_established(ctx: &SockOpsContext) {
     let _ = ctx.set_cb_flags(flags as i32);
 }
 
-/// The kernel's counters of a TCP socket at one instant (from sock_ops or `bpf_tcp_sock`).
-struct TcpNow {
-    bytes_received: u64,
-    bytes_acked: u64,
-    snd_una: u32,
-    snd_nxt: u32,
-}
-
-impl TcpNow {
-    fn from_ops(o: &bpf_sock_ops) -> TcpNow {
-        TcpNow {
-            bytes_received: o.bytes_received,
-            bytes_acked: o.bytes_acked,
-            snd_una: o.snd_una,
-            snd_nxt: o.snd_nxt,
-        }
+fn now_from_ops(o: &bpf_sock_ops) -> TcpNow {
+    TcpNow {
+        bytes_received: o.bytes_received,
+        bytes_acked: o.bytes_acked,
+        snd_una: o.snd_una,
+        snd_nxt: o.snd_nxt,
     }
 }
 
-/// Whether our FIN has been acknowledged, judged in TCP state `state`.
-fn fin_acked(now: &TcpNow, state: u32) -> bool {
-    match state {
-        TCP_FIN_WAIT2 => true,
-        TCP_FIN_WAIT1 | TCP_CLOSING | TCP_LAST_ACK => now.snd_una == now.snd_nxt,
-        _ => false,
-    }
-}
-
-/// Payload totals from the kernel's counters, SYN and FIN taken out; stored in `e`.
+/// Stores the payload totals (SYN and FIN taken out) in `e` and returns them.
 fn refresh(e: &mut TcpSock, now: &TcpNow, state: u32) -> (u64, u64) {
-    let fin_received = e.flags & tcp_flags::FIN_RECEIVED != 0;
-    let rx = now
-        .bytes_received
-        .saturating_sub(e.rx_base)
-        .saturating_sub(u64::from(fin_received));
-    let tx = now
-        .bytes_acked
-        .saturating_sub(e.tx_base)
-        .saturating_sub(u64::from(fin_acked(now, state)));
+    let (rx, tx) = tcp_payload(e, now, state);
     e.rx = rx;
     e.tx = tx;
     (rx, tx)
@@ -180,13 +162,16 @@ fn refresh(e: &mut TcpSock, now: &TcpNow, state: u32) -> (u64, u64) {
 
 fn tcp_refresh(ctx: &SockOpsContext, parsed_segment: bool) {
     let o = ops(ctx);
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(e) = TPACCT_TCP.get_ptr_mut(cookie) else {
+    let Some(e) = TPACCT_TCP.get_ptr_mut(cookie_of(ctx)) else {
         return;
     };
-    // sock_ops callbacks run under the socket lock.
+    // SAFETY: a live map value from a successful lookup; sock_ops callbacks run under the
+    // socket lock, so no other sock_ops run writes it concurrently.
     let e = unsafe { &mut *e };
-    refresh(e, &TcpNow::from_ops(o), o.state);
+    if e.flags & tcp_flags::CLOSED != 0 {
+        return;
+    }
+    refresh(e, &now_from_ops(o), o.state);
     if parsed_segment {
         // Only slow-path segments are parsed; FIN always takes the slow path.
         if o.skb_tcp_flags & TCPHDR_FIN != 0 {
@@ -200,32 +185,34 @@ fn tcp_refresh(ctx: &SockOpsContext, parsed_segment: bool) {
 fn tcp_state(ctx: &SockOpsContext) {
     let o = ops(ctx);
     let (old, new) = (ctx.arg(0), ctx.arg(1));
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = cookie_of(ctx);
     let Some(e) = TPACCT_TCP.get_ptr_mut(cookie) else {
         return;
     };
+    // SAFETY: a live map value from a successful lookup, written under the socket lock.
     let e = unsafe { &mut *e };
-    // The peer's FIN moves us to CLOSE_WAIT or CLOSING. From FIN_WAIT2 it ends the socket
-    // directly (TIME_WAIT is kept by a separate mini socket), while the segment being handled
-    // is the FIN itself; a reset or a timeout from FIN_WAIT2 comes without one.
-    if new == TCP_CLOSE_WAIT
-        || new == TCP_CLOSING
-        || (old == TCP_FIN_WAIT2 && new == TCP_CLOSE && e.flags & tcp_flags::LAST_SEGMENT_FIN != 0)
-    {
-        e.flags |= tcp_flags::FIN_RECEIVED;
-    }
-    let (rx, tx) = refresh(e, &TcpNow::from_ops(o), old);
-    if new != TCP_CLOSE {
+    if e.flags & tcp_flags::CLOSED != 0 {
         return;
     }
-    close_event(CloseEvent {
+    if fin_received(old, new, e.flags) {
+        e.flags |= tcp_flags::FIN_RECEIVED;
+    }
+    let (rx, tx) = refresh(e, &now_from_ops(o), old);
+    if new != tcp_state::CLOSE {
+        return;
+    }
+    // Final from here on: if the event cannot be sent, the entry stays for user space.
+    e.flags |= tcp_flags::CLOSED;
+    let sent = close_event(CloseEvent {
         cookie,
         rx,
         tx,
         proto: proto::TCP,
         old_state: old,
     });
-    let _ = TPACCT_TCP.remove(cookie);
+    if sent {
+        let _ = TPACCT_TCP.remove(cookie);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -269,22 +256,27 @@ fn skb_seen(ctx: &SkBuffContext, ingress: bool) {
 /// it sends (counters including the data they acknowledge). Final totals still come only from
 /// sock_ops at TCP_CLOSE.
 fn tcp_refresh_skb(ctx: &SkBuffContext) {
+    // SAFETY: the kernel passes a valid __sk_buff; reading its socket pointer field is allowed
+    // for cgroup_skb programs (the verifier checks the access).
     let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
     if sk.is_null() {
         return;
     }
+    // SAFETY: `sk` is the non-null socket pointer of this skb, as the helper expects.
     let sk = unsafe { bpf_sk_fullsock(sk) };
     if sk.is_null() {
         return;
     }
+    // SAFETY: `sk` is a non-null full socket returned by bpf_sk_fullsock.
     let tp = unsafe { bpf_tcp_sock(sk) };
     if tp.is_null() {
         return;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(e) = TPACCT_TCP.get_ptr_mut(cookie) else {
+    let Some(e) = TPACCT_TCP.get_ptr_mut(cookie_of(ctx)) else {
         return;
     };
+    // SAFETY: both pointers were checked non-null and come from the helpers above, valid for
+    // the program's run.
     let (tp, state) = unsafe { (&*tp, (*sk).state) };
     let now = TcpNow {
         bytes_received: tp.bytes_received,
@@ -292,9 +284,13 @@ fn tcp_refresh_skb(ctx: &SkBuffContext) {
         snd_una: tp.snd_una,
         snd_nxt: tp.snd_nxt,
     };
-    // Ingress runs without the socket lock: a racing update may briefly store values one
-    // segment old; the next one corrects them, and the close event is computed afresh.
-    refresh(unsafe { &mut *e }, &now, state);
+    // SAFETY: a live map value from a successful lookup. Ingress runs without the socket
+    // lock: a racing update may briefly store values one segment old; the next one corrects
+    // them, and the close event is computed afresh.
+    let e = unsafe { &mut *e };
+    if e.flags & tcp_flags::CLOSED == 0 {
+        refresh(e, &now, state);
+    }
 }
 
 fn udp_count(ctx: &SkBuffContext, header: u32, ingress: bool) {
@@ -302,7 +298,7 @@ fn udp_count(ctx: &SkBuffContext, header: u32, ingress: bool) {
         return;
     };
     let payload = u64::from(payload);
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = cookie_of(ctx);
     let entry = match TPACCT_UDP.get_ptr_mut(cookie) {
         Some(e) => e,
         None => {
@@ -324,6 +320,8 @@ fn udp_count(ctx: &SkBuffContext, header: u32, ingress: bool) {
             }
         }
     };
+    // SAFETY: a live map value from a successful lookup; concurrent writers on other CPUs
+    // only use atomic adds on it.
     let e = unsafe { &mut *entry };
     if ingress {
         atomic_add(&mut e.rx, payload);
@@ -336,20 +334,28 @@ fn udp_count(ctx: &SkBuffContext, header: u32, ingress: bool) {
 
 #[cgroup_sock(sock_release)]
 pub fn tpacct_sock_release(ctx: SockContext) -> i32 {
+    // SAFETY: the kernel passes a valid bpf_sock for the program's run.
     let protocol = unsafe { (*ctx.sock).protocol };
     if protocol != u32::from(IPPROTO_UDP) {
         return 1;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if let Some(e) = TPACCT_UDP.get_ptr(cookie) {
-        let e = unsafe { *e };
-        close_event(CloseEvent {
-            cookie,
-            rx: e.rx,
-            tx: e.tx,
-            proto: proto::UDP,
-            old_state: 0,
-        });
+    let cookie = cookie_of(&ctx);
+    let Some(e) = TPACCT_UDP.get_ptr_mut(cookie) else {
+        return 1;
+    };
+    // SAFETY: a live map value from a successful lookup; the socket is being released, so no
+    // datagram counts for it any more.
+    let e = unsafe { &mut *e };
+    // Final from here on: if the event cannot be sent, the entry stays for user space.
+    e.flags |= udp_flags::CLOSED;
+    let sent = close_event(CloseEvent {
+        cookie,
+        rx: e.rx,
+        tx: e.tx,
+        proto: proto::UDP,
+        old_state: 0,
+    });
+    if sent {
         let _ = TPACCT_UDP.remove(cookie);
     }
     1

@@ -2,29 +2,24 @@
 //! live counters from the maps by cookie, and delivers final totals from the close-event ring.
 
 use std::{
-    os::fd::{AsFd, AsRawFd},
+    os::fd::AsFd,
     path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, IterableMap, MapData, PerCpuArray, RingBuf},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, SockOps},
 };
-use dashmap::{DashMap, mapref::entry::Entry};
-use tokio::{
-    io::{Interest, unix::AsyncFd},
-    sync::oneshot,
-};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tpacct_common::{CLOSE_RING, CloseEvent, STATS_MAP, Stat, TCP_MAP, TcpSock, UDP_MAP, UdpSock};
+use tpacct_common::{CLOSE_RING, STATS_MAP, Stat, TCP_MAP, TcpSock, UDP_MAP, UdpSock};
 
-use super::{Counters, Error, Proto};
+use super::{
+    Counters, Error, Proto,
+    closes::{self, Slots, Wait},
+};
 use crate::{cgroup::Placement, config::AccountingSettings};
 
 /// The object built from `ebpf/` by `build.rs`.
@@ -48,46 +43,8 @@ pub struct KernelStats {
     pub close_ring_full: u64,
     /// Close events of sockets nobody tracked (other sockets in the cgroup).
     pub untracked_closes: u64,
-}
-
-/// What is known of a tracked socket's end.
-#[derive(Debug)]
-enum Slot {
-    Open,
-    Closed(Counters),
-    Waiting(oneshot::Sender<Counters>),
-}
-
-#[derive(Debug, Default)]
-struct Slots {
-    map: DashMap<u64, Slot>,
-    untracked: AtomicU64,
-}
-
-impl Slots {
-    fn deliver(&self, cookie: u64, totals: Counters) {
-        match self.map.entry(cookie) {
-            Entry::Occupied(mut slot) => {
-                if matches!(slot.get(), Slot::Waiting(_)) {
-                    if let Slot::Waiting(tx) = slot.remove() {
-                        let _ = tx.send(totals);
-                    }
-                } else {
-                    slot.insert(Slot::Closed(totals));
-                }
-            }
-            Entry::Vacant(_) => {
-                self.untracked.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-
-    fn closed(&self, cookie: u64) -> Option<Counters> {
-        match self.map.get(&cookie).as_deref() {
-            Some(Slot::Closed(c)) => Some(*c),
-            _ => None,
-        }
-    }
+    /// Final totals collected from the maps because their close event was lost.
+    pub closes_recovered: u64,
 }
 
 /// The loaded, attached programs and their maps.
@@ -172,6 +129,7 @@ impl Kernel {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(TCP_MAP, settings.max_sockets)
             .map_max_entries(UDP_MAP, settings.max_sockets)
+            .map_max_entries(CLOSE_RING, settings.close_ring_bytes)
             .load(OBJECT)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_logger(logger, cancel, tracker),
@@ -179,12 +137,21 @@ impl Kernel {
         }
         attach(&mut ebpf, &placement)?;
         let ring: RingBuf<MapData> = map(&mut ebpf, CLOSE_RING)?;
+        let tcp: HashMap<MapData, u64, TcpSock> = map(&mut ebpf, TCP_MAP)?;
+        let udp: HashMap<MapData, u64, UdpSock> = map(&mut ebpf, UDP_MAP)?;
+        let stats: PerCpuArray<MapData, u64> = map(&mut ebpf, STATS_MAP)?;
         let slots = Arc::new(Slots::default());
-        spawn_ring_reader(ring, slots.clone(), cancel, tracker)?;
+        closes::spawn_reader(
+            ring,
+            [tcp.map(), udp.map(), stats.map()],
+            slots.clone(),
+            cancel,
+            tracker,
+        )?;
         Ok(Kernel {
-            tcp: map(&mut ebpf, TCP_MAP)?,
-            udp: map(&mut ebpf, UDP_MAP)?,
-            stats: map(&mut ebpf, STATS_MAP)?,
+            tcp,
+            udp,
+            stats,
             slots,
             _ebpf: ebpf,
             placement,
@@ -196,7 +163,7 @@ impl Kernel {
     }
 
     pub(super) fn watch(&self, cookie: u64) {
-        self.slots.map.insert(cookie, Slot::Open);
+        self.slots.watch(cookie);
     }
 
     fn map_counters(&self, cookie: u64, proto: Proto) -> Option<Counters> {
@@ -230,20 +197,10 @@ impl Kernel {
         proto: Proto,
         grace: Duration,
     ) -> Option<Counters> {
-        let (tx, rx) = oneshot::channel();
-        match self.slots.map.entry(cookie) {
-            Entry::Occupied(slot) if matches!(slot.get(), Slot::Closed(_)) => {
-                if let Slot::Closed(totals) = slot.remove() {
-                    return Some(totals);
-                }
-            }
-            Entry::Occupied(mut slot) => {
-                slot.insert(Slot::Waiting(tx));
-            }
-            Entry::Vacant(slot) => {
-                slot.insert(Slot::Waiting(tx));
-            }
-        }
+        let rx = match self.slots.wait(cookie) {
+            Wait::Now(totals) => return Some(totals),
+            Wait::Later(rx) => rx,
+        };
         let wait = match proto {
             Proto::Tcp => grace,
             Proto::Udp => grace.min(UDP_CLOSE_WAIT),
@@ -252,10 +209,7 @@ impl Kernel {
             return Some(totals);
         }
         let last = self.map_counters(cookie, proto);
-        match self.slots.map.remove(&cookie) {
-            Some((_, Slot::Closed(totals))) => Some(totals),
-            _ => last,
-        }
+        self.slots.forget(cookie).or(last)
     }
 
     pub(super) fn holds(&self, cookie: u64) -> bool {
@@ -275,7 +229,8 @@ impl Kernel {
             tcp_map_full: stat(Stat::TcpMapFull),
             udp_map_full: stat(Stat::UdpMapFull),
             close_ring_full: stat(Stat::CloseRingFull),
-            untracked_closes: self.slots.untracked.load(Ordering::Relaxed),
+            untracked_closes: self.slots.untracked(),
+            closes_recovered: self.slots.recovered.load(Ordering::Relaxed),
         }
     }
 }
@@ -310,65 +265,12 @@ fn attach(ebpf: &mut Ebpf, placement: &Placement) -> Result<(), Error> {
         .map_err(|source| Error::Program { name, source })
 }
 
-fn spawn_ring_reader(
-    ring: RingBuf<MapData>,
-    slots: Arc<Slots>,
-    cancel: &CancellationToken,
-    tracker: &TaskTracker,
-) -> Result<(), Error> {
-    let mut ring = readable(ring).map_err(Error::Ring)?;
-    let cancel = cancel.clone();
-    tracker.spawn(async move {
-        loop {
-            let mut guard = tokio::select! {
-                () = cancel.cancelled() => return,
-                guard = ring.readable_mut() => match guard {
-                    Ok(guard) => guard,
-                    Err(e) => {
-                        tracing::error!("close-event ring: {e}");
-                        return;
-                    }
-                },
-            };
-            let ring = guard.get_inner_mut();
-            while let Some(item) = ring.next() {
-                if let Some(event) = parse_close_event(&item) {
-                    slots.deliver(
-                        event.cookie,
-                        Counters {
-                            rx: event.rx,
-                            tx: event.tx,
-                        },
-                    );
-                }
-            }
-            guard.clear_ready();
-        }
-    });
-    Ok(())
-}
-
-/// Registers a map-backed reader with the reactor for readability.
-fn readable<T: AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
-    // SAFETY: ring buffers own their map fd and return that same fd until dropped, which is
-    // when the AsyncFd drops.
-    Ok(unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }?)
-}
-
-fn parse_close_event(bytes: &[u8]) -> Option<CloseEvent> {
-    if bytes.len() < size_of::<CloseEvent>() {
-        return None;
-    }
-    // SAFETY: length checked; CloseEvent is plain integers, valid for any bit pattern.
-    Some(unsafe { bytes.as_ptr().cast::<CloseEvent>().read_unaligned() })
-}
-
 fn spawn_logger(
     logger: aya_log::EbpfLogger<&'static dyn log::Log>,
     cancel: &CancellationToken,
     tracker: &TaskTracker,
 ) {
-    let mut logger = match readable(logger) {
+    let mut logger = match closes::readable(logger) {
         Ok(fd) => fd,
         Err(e) => {
             tracing::warn!("kernel log records unavailable: {e}");

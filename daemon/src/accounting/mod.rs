@@ -2,6 +2,7 @@
 //! (counters in kernel maps by socket cookie, final totals at close) and user space (the relay
 //! reports what it moved through a [`Meter`]). The backend is picked at start and reported.
 
+mod closes;
 mod ebpf;
 mod sys;
 

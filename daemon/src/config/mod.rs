@@ -162,6 +162,7 @@ impl Config {
             mode: self.accounting,
             cgroup: self.accounting_cgroup.clone(),
             max_sockets: self.accounting_max_sockets.0,
+            close_ring_bytes: tpacct_common::CLOSE_RING_BYTES,
         }
     }
 }
@@ -172,6 +173,8 @@ pub struct AccountingSettings {
     pub mode: AccountingMode,
     pub cgroup: Option<PathBuf>,
     pub max_sockets: u32,
+    /// Size of the close-event ring in bytes (a power of two, at least one page).
+    pub close_ring_bytes: u32,
 }
 
 impl AccountingSettings {

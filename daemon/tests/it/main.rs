@@ -9,6 +9,7 @@ mod api_router;
 mod churn;
 mod cli;
 mod firewall;
+mod ring_full;
 mod tcp_live;
 mod tcp_totals;
 mod tproxy_scale;
@@ -23,6 +24,7 @@ fn main() {
         churn::tests(),
         cli::tests(),
         firewall::tests(),
+        ring_full::tests(),
         tcp_live::tests(),
         tcp_totals::tests(),
         tproxy_scale::tests(),
