@@ -24,7 +24,8 @@ pub enum End {
     UpstreamReset,
     /// Nothing moved for the idle timeout.
     Idle,
-    /// Closed on demand.
+    /// Closed on demand: both sockets were reset, so neither side receives anything that was
+    /// still buffered in the proxy.
     Closed,
 }
 
@@ -87,11 +88,13 @@ pub async fn tcp<A: Fn() -> u64>(
                 Err(PumpError::Write(e)) => return failed(End::ClientReset, &e, upstream),
             },
             () = opts.cancel.cancelled() => {
-                close_both(client, upstream);
+                // Closed on demand: both sides end now, unread and unsent data discarded.
+                reset(client);
+                reset(upstream);
                 return End::Closed;
             }
             () = &mut idle => {
-                close_both(client, upstream);
+                shutdown_both(client, upstream);
                 return End::Idle;
             }
         }
@@ -178,7 +181,8 @@ pub fn reset(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
 
-fn close_both(a: &TcpStream, b: &TcpStream) {
+/// An orderly end both ways (nothing is buffered on an idle connection).
+fn shutdown_both(a: &TcpStream, b: &TcpStream) {
     for s in [a, b] {
         let _ = SockRef::from(s).shutdown(std::net::Shutdown::Both);
     }

@@ -283,40 +283,95 @@ fn unreachable_upstreams_reset_the_client_promptly() {
     );
 }
 
-fn closing_a_flow_ends_both_sockets_within_100ms() {
+/// Closing a flow resets both of its sockets at once: the server streams far more than the
+/// client reads, and after the close the client gets a reset (not the megabytes still queued
+/// in the gateway), the server's next write fails, and the flow is in the closed list with
+/// exactly what the client's kernel acknowledged — all within 100 ms.
+fn closing_a_flow_resets_both_sockets_within_100ms() {
+    const STREAM: u64 = 200 << 20;
     with_gateway(
         "close_flow",
         AccountingMode::Ebpf,
         |_| {},
         |topo, gw| {
             let server = one_shot_server(topo, 5002, |mut conn| {
-                let _ = read_all(&mut conn);
-                Instant::now()
+                let mut buf = [0u8; 5];
+                conn.read_exact(&mut buf).expect("hello");
+                // Writes until the gateway resets the connection.
+                let chunk = vec![b'd'; 64 * 1024];
+                let mut sent = 0u64;
+                while sent < STREAM {
+                    match conn.write(&chunk) {
+                        Ok(n) => sent += n as u64,
+                        Err(e) => return (sent, Some(e.kind()), Instant::now()),
+                    }
+                }
+                (sent, None, Instant::now())
             });
             let (connected_tx, connected_rx) = std::sync::mpsc::channel();
+            let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
             let client = spawn_in(&topo.client, move || {
                 let mut conn = TcpStream::connect(socket(SERVER4, 5002)).expect("connect");
                 conn.write_all(b"hello").expect("write");
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut got = 0u64;
+                // Read 1 MiB, then stop reading until the flow has been closed.
+                while got < 1 << 20 {
+                    got += conn.read(&mut buf).expect("read") as u64;
+                }
                 connected_tx.send(()).expect("connected");
-                let _ = read_all(&mut conn);
-                Instant::now()
+                go_rx.recv().expect("go");
+                loop {
+                    match conn.read(&mut buf) {
+                        Ok(0) => return (got, None, Instant::now()),
+                        Ok(n) => got += n as u64,
+                        Err(e) => return (got, Some(e.kind()), Instant::now()),
+                    }
+                }
             });
             connected_rx.recv().expect("client connected");
             gw.wait_until(5, "the flow to register", |r| r.live_count() == 1);
             let id = gw.registry.live()[0].flow.id;
             let closed_at = Instant::now();
             assert!(gw.registry.close(&id));
-            let client_end = client.join().expect("client");
-            let server_end = server.join().expect("server");
-            for (side, end) in [("client", client_end), ("server", server_end)] {
-                let took = end.duration_since(closed_at);
-                assert!(
-                    took < Duration::from_millis(100),
-                    "{side} saw the close after {took:?}"
-                );
-            }
-            gw.wait_until(5, "the flow to finish", |r| r.live_count() == 0);
-            assert_eq!(gw.registry.closed(1)[0].traffic.upload, 5);
+            gw.wait_until(5, "the flow to move to the closed list", |r| {
+                r.live_count() == 0 && r.closed(1).len() == 1
+            });
+            let listed_closed = closed_at.elapsed();
+            go_tx.send(()).expect("go");
+            let (client_got, client_err, _) = client.join().expect("client");
+            let (server_sent, server_err, server_end) = server.join().expect("server");
+            assert_eq!(
+                client_err,
+                Some(std::io::ErrorKind::ConnectionReset),
+                "the client is reset"
+            );
+            assert_eq!(
+                server_err,
+                Some(std::io::ErrorKind::ConnectionReset),
+                "the server is reset"
+            );
+            let server_took = server_end.duration_since(closed_at);
+            assert!(
+                server_took < Duration::from_millis(100),
+                "the server saw the close after {server_took:?}"
+            );
+            assert!(
+                listed_closed < Duration::from_millis(100),
+                "closed after {listed_closed:?}"
+            );
+            let closed = gw.registry.closed(1).remove(0);
+            assert_eq!(closed.traffic.upload, 5);
+            assert!(
+                closed.traffic.download <= client_got,
+                "counted {} B, the client read {client_got} B",
+                closed.traffic.download
+            );
+            assert!(
+                client_got < server_sent,
+                "what the gateway had buffered was discarded: the client read {client_got} B of \
+                 {server_sent} B sent"
+            );
         },
     );
 }
@@ -329,5 +384,5 @@ crate::tests![
     root server_first_banner_is_not_held_back,
     root sni_and_host_are_sniffed,
     root unreachable_upstreams_reset_the_client_promptly,
-    root closing_a_flow_ends_both_sockets_within_100ms,
+    root closing_a_flow_resets_both_sockets_within_100ms,
 ];
