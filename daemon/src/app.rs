@@ -30,6 +30,8 @@ pub enum Error {
     Firewall(#[from] firewall::Error),
     #[error(transparent)]
     Api(#[from] api::Error),
+    #[error(transparent)]
+    State(#[from] crate::state::Error),
 }
 
 /// A group of tasks stopped together.
@@ -66,6 +68,25 @@ pub struct App {
 impl App {
     /// Builds and starts every part. Must run inside a tokio runtime.
     pub fn start(config: &Config) -> Result<App, Error> {
+        let mut config = config.clone();
+        if !config.external_controller.is_empty() {
+            let dir = crate::state::dir(config.directory.as_deref());
+            let secret = crate::state::secret(config.secret.as_deref(), &dir)?;
+            match (&secret.generated_in, secret.value.is_empty()) {
+                (Some(file), _) => tracing::info!(
+                    "external-controller: secret {} (generated, kept in {})",
+                    secret.value,
+                    file.display()
+                ),
+                (None, true) => tracing::warn!(
+                    "external-controller: `secret: \"\"` turns authentication off: any local \
+                     process, and any web page a local browser opens, can use the API"
+                ),
+                (None, false) => {}
+            }
+            config.secret = Some(secret.value);
+        }
+        let config = &config;
         let core = Stage::default();
         let flows = Stage::default();
         // First: accounting moves the process into its cgroup before any socket exists.

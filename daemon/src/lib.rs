@@ -20,3 +20,4 @@ pub mod route;
 pub mod snapshot;
 pub mod sniff;
 pub mod speed;
+pub mod state;

@@ -27,6 +27,9 @@ enum Command {
         /// YAML config; built-in defaults when omitted.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// State directory (default: $STATE_DIRECTORY, else ./tpacct-data).
+        #[arg(long, short = 'd')]
+        directory: Option<PathBuf>,
     },
     /// Validate a config and exit: 0 when usable, 64 naming the offending key.
     Check {
@@ -47,7 +50,11 @@ fn load(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Run { config: None }) {
+    let default = Command::Run {
+        config: None,
+        directory: None,
+    };
+    match cli.command.unwrap_or(default) {
         Command::Check { config } => match load(Some(&config)) {
             Ok(_) => {
                 println!("{}: ok", config.display());
@@ -55,11 +62,12 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Run { config } => {
-            let config = match load(config.as_ref()) {
+        Command::Run { config, directory } => {
+            let mut config = match load(config.as_ref()) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            config.directory = directory;
             logging::init(config.log_level);
             match serve(config) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -18,7 +18,12 @@ pub(super) async fn require(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let secret = state.config.secret.as_bytes();
+    let secret = state
+        .config
+        .secret
+        .as_deref()
+        .unwrap_or_default()
+        .as_bytes();
     if secret.is_empty() {
         return Ok(next.run(request).await);
     }

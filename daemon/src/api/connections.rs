@@ -52,11 +52,12 @@ pub(super) async fn list(
     let Some(ws) = ws else {
         return Ok(Json(snapshot::snapshot(&state.registry, &state.rates.speeds)).into_response());
     };
+    let source = state.clone();
     let frames = streams::every(Duration::from_millis(interval), move || {
-        serde_json::to_string(&snapshot::snapshot(&state.registry, &state.rates.speeds))
+        serde_json::to_string(&snapshot::snapshot(&source.registry, &source.rates.speeds))
             .unwrap_or_default()
     });
-    Ok(streams::websocket(ws, frames))
+    Ok(streams::websocket(&state, ws, frames))
 }
 
 #[derive(Debug, Deserialize)]

@@ -6,6 +6,7 @@ mod auth;
 mod connections;
 mod delay;
 mod meta;
+mod server;
 mod streams;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -45,6 +46,8 @@ pub struct ApiState {
     pub direct: crate::outbound::Direct,
     /// Latest delay per proxy.
     pub delays: delay::History,
+    /// Open WebSockets (each holds a permit; they outlive their HTTP connection's slot).
+    pub websockets: Arc<tokio::sync::Semaphore>,
 }
 
 impl ApiState {
@@ -61,9 +64,17 @@ impl ApiState {
             selection,
             direct: crate::outbound::Direct::new(config),
             delays: delay::History::default(),
+            websockets: Arc::new(tokio::sync::Semaphore::new(MAX_WEBSOCKETS)),
         })
     }
 }
+
+/// Concurrent WebSockets across all streaming endpoints.
+pub const MAX_WEBSOCKETS: usize = 128;
+/// Request bodies larger than this are answered 413 before they are read.
+pub const MAX_BODY: usize = 1 << 20;
+
+pub use server::{HEADER_TIMEOUT, MAX_CONNECTIONS};
 
 /// A JSON error response.
 #[derive(Debug)]
@@ -110,7 +121,28 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require))
         .with_state(state.clone());
-    api.layer(cors(&state.config))
+    api.layer(middleware::from_fn(limit_body))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(cors(&state.config))
+}
+
+/// A body announced larger than [`MAX_BODY`] is refused before a byte of it is read.
+async fn limit_body(
+    request: axum::extract::Request,
+    next: middleware::Next,
+) -> Result<Response, ApiError> {
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match announced {
+        Some(n) if n > MAX_BODY as u64 => Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body of {n} bytes is over the limit of {MAX_BODY}"),
+        )),
+        _ => Ok(next.run(request).await),
+    }
 }
 
 fn cors(config: &Config) -> CorsLayer {
@@ -159,15 +191,11 @@ pub fn start(
     let listener = TcpListener::from_std(std_listener).map_err(bind_error)?;
     let local = listener.local_addr().map_err(bind_error)?;
     tracing::info!("external-controller: Clash API on http://{local}");
-    let app = router(state);
-    let cancel = cancel.clone();
-    tracker.spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { cancel.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!("external-controller: {e}");
-        }
-    });
+    tracker.spawn(server::serve(
+        listener,
+        router(state),
+        cancel.clone(),
+        tracker.clone(),
+    ));
     Ok(Some(local))
 }

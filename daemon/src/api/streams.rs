@@ -6,10 +6,10 @@ use std::{convert::Infallible, sync::Arc, time::Duration};
 use axum::{
     body::Body,
     extract::{FromRequestParts, Query, State, WebSocketUpgrade, ws::Message},
-    http::{header, request::Parts},
+    http::{StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
 };
-use futures_util::{Stream, StreamExt, stream};
+use futures_util::{SinkExt, Stream, StreamExt, stream};
 use serde::Deserialize;
 
 use super::{ApiError, ApiState};
@@ -31,25 +31,70 @@ impl<S: Send + Sync> FromRequestParts<S> for MaybeWs {
     }
 }
 
-/// Sends each item of `frames` as a WebSocket text message until either side stops.
+/// How long one frame may take to reach a client's socket before the client is dropped: a
+/// client that stops reading costs its socket buffer and one frame, never more.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Sends each item of `frames` as a WebSocket text message while reading the client side at
+/// the same time: a Close is answered with a Close and ends the stream, a Ping is answered with
+/// a Pong, and a client that stops reading for [`SEND_TIMEOUT`] is dropped. At most
+/// [`super::MAX_WEBSOCKETS`] are open at once (503 beyond).
 pub(super) fn websocket(
+    state: &ApiState,
     ws: WebSocketUpgrade,
     frames: impl Stream<Item = String> + Send + 'static,
 ) -> Response {
-    ws.on_upgrade(move |mut socket| async move {
+    let Ok(permit) = state.websockets.clone().try_acquire_owned() else {
+        return ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "too many WebSockets open (at most {})",
+                super::MAX_WEBSOCKETS
+            ),
+        )
+        .into_response();
+    };
+    ws.on_upgrade(move |socket| async move {
+        let (mut tx, mut rx) = socket.split();
         let mut frames = std::pin::pin!(frames);
-        while let Some(frame) = frames.next().await {
-            if socket.send(Message::Text(frame.into())).await.is_err() {
-                break;
+        loop {
+            tokio::select! {
+                incoming = rx.next() => match incoming {
+                    Some(Ok(Message::Close(_))) => {
+                        // The library queued the Close reply; flushing sends it.
+                        let _ = tokio::time::timeout(SEND_TIMEOUT, tx.close()).await;
+                        break;
+                    }
+                    Some(Ok(Message::Ping(payload))) => {
+                        let pong = tx.send(Message::Pong(payload));
+                        if !matches!(tokio::time::timeout(SEND_TIMEOUT, pong).await, Ok(Ok(()))) {
+                            break;
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    None | Some(Err(_)) => break,
+                },
+                frame = frames.next() => {
+                    let Some(frame) = frame else { break };
+                    let sent = tx.send(Message::Text(frame.into()));
+                    if !matches!(tokio::time::timeout(SEND_TIMEOUT, sent).await, Ok(Ok(()))) {
+                        break;
+                    }
+                }
             }
         }
+        drop(permit);
     })
 }
 
 /// A WebSocket if upgraded, else newline-delimited JSON over chunked HTTP.
-fn respond(MaybeWs(ws): MaybeWs, frames: impl Stream<Item = String> + Send + 'static) -> Response {
+fn respond(
+    state: &ApiState,
+    MaybeWs(ws): MaybeWs,
+    frames: impl Stream<Item = String> + Send + 'static,
+) -> Response {
     match ws {
-        Some(ws) => websocket(ws, frames),
+        Some(ws) => websocket(state, ws, frames),
         None => {
             let body = Body::from_stream(frames.map(|f| Ok::<_, Infallible>(f + "\n")));
             ([(header::CONTENT_TYPE, "application/json")], body).into_response()
@@ -92,15 +137,15 @@ pub(super) async fn traffic(State(state): State<Arc<ApiState>>, ws: MaybeWs) -> 
             (rx, false),
         ))
     });
-    respond(ws, frames)
+    respond(&state, ws, frames)
 }
 
-pub(super) async fn memory(ws: MaybeWs) -> Response {
+pub(super) async fn memory(State(state): State<Arc<ApiState>>, ws: MaybeWs) -> Response {
     let limit = speed::memory_limit();
     let frames = every(Duration::from_secs(1), move || {
         serde_json::json!({ "inuse": speed::rss(), "oslimit": limit }).to_string()
     });
-    respond(ws, frames)
+    respond(&state, ws, frames)
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,7 +163,11 @@ fn level_name(level: LogLevel) -> &'static str {
     }
 }
 
-pub(super) async fn logs(Query(q): Query<LogQuery>, ws: MaybeWs) -> Result<Response, ApiError> {
+pub(super) async fn logs(
+    State(state): State<Arc<ApiState>>,
+    Query(q): Query<LogQuery>,
+    ws: MaybeWs,
+) -> Result<Response, ApiError> {
     let wanted = match q.level.as_deref() {
         None | Some("") => LogLevel::Info,
         Some(name) => {
@@ -149,5 +198,5 @@ pub(super) async fn logs(Query(q): Query<LogQuery>, ws: MaybeWs) -> Result<Respo
             }
         }
     });
-    Ok(respond(ws, frames))
+    Ok(respond(&state, ws, frames))
 }

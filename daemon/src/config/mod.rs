@@ -56,12 +56,16 @@ pub struct Config {
     pub tproxy_firewall: Option<FirewallConfig>,
     /// mihomo's `external-controller`: where the Clash API listens (empty: off).
     pub external_controller: String,
-    /// mihomo's `secret`: the API's bearer token (empty: no auth).
-    pub secret: String,
+    /// mihomo's `secret`: the API's bearer token. Absent: one generated at first start and
+    /// kept in the state directory; an explicit empty string: no auth.
+    pub secret: Option<String>,
     /// mihomo's `external-controller-cors`.
     pub external_controller_cors: Cors,
     /// mihomo's `mode`: `rule`, `global` or `direct`.
     pub mode: Mode,
+    /// The state directory (`tpacctd run -d DIR`; not a config key).
+    #[serde(skip)]
+    pub directory: Option<PathBuf>,
 }
 
 /// `external-controller-cors:`.
@@ -148,9 +152,10 @@ impl Default for Config {
             sniffer: SniffConfig::default(),
             tproxy_firewall: None,
             external_controller: "127.0.0.1:9090".to_owned(),
-            secret: String::new(),
+            secret: None,
             external_controller_cors: Cors::default(),
             mode: Mode::default(),
+            directory: None,
         }
     }
 }

@@ -12,6 +12,11 @@ use nix::{sys::signal, unistd::Pid};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tpacctd");
 
+/// The state directory the daemons of this test process use.
+pub fn state_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("tpacct-it-{}-state", std::process::id()))
+}
+
 /// A running daemon.
 pub struct Daemon {
     child: Child,
@@ -19,8 +24,14 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `tpacctd args…`, inside network namespace `netns` if given.
+    /// Starts `tpacctd args…`, inside network namespace `netns` if given. `run` gets the test
+    /// process's own state directory ([`state_dir`]) unless `-d` is given.
     pub fn start(netns: Option<&str>, args: &[&str]) -> Daemon {
+        let state = state_dir();
+        let mut args: Vec<&str> = args.to_vec();
+        if args.first() == Some(&"run") && !args.contains(&"-d") {
+            args.splice(1..1, ["-d", state.to_str().expect("utf-8 temp dir")]);
+        }
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -30,7 +41,7 @@ impl Daemon {
             None => Command::new(BIN),
         };
         let mut child = cmd
-            .args(args)
+            .args(&args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

@@ -116,6 +116,8 @@ pub fn gateway_config(mode: AccountingMode, cgroup: std::path::PathBuf) -> Confi
         routing_mark: 6666,
         connect_timeout: Seconds(2),
         udp_idle_timeout: Seconds(2),
+        // The API tests speak without auth; the generated secret is tested with the binary.
+        secret: Some(String::new()),
         tproxy_firewall: Some(FirewallConfig {
             interfaces: vec!["g1".into()],
             ..FirewallConfig::default()

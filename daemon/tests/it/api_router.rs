@@ -40,7 +40,7 @@ async fn api(secret: &str) -> Api {
     let registry = Arc::new(Registry::new(accounting, 10));
     let (rates, _sampler) = speed::start(registry.clone(), CancellationToken::new());
     let config = Config {
-        secret: secret.to_owned(),
+        secret: Some(secret.to_owned()),
         ..Config::default()
     };
     Api {

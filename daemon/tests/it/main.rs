@@ -6,6 +6,8 @@ mod common;
 
 mod api_e2e;
 mod api_router;
+mod api_secret;
+mod api_ws;
 mod churn;
 mod cli;
 mod firewall;
@@ -21,6 +23,8 @@ fn main() {
     let trials = [
         api_e2e::tests(),
         api_router::tests(),
+        api_secret::tests(),
+        api_ws::tests(),
         churn::tests(),
         cli::tests(),
         firewall::tests(),
