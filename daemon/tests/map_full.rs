@@ -75,7 +75,7 @@ fn overflow(topo: &Topology, gw: &Gateway) {
         .map(|i| {
             let opened = opened_tx.clone();
             spawn_in(&topo.client, move || {
-                let mut conn = TcpStream::connect(socket(SERVER4, 6100)).expect("connect");
+                let conn = TcpStream::connect(socket(SERVER4, 6100)).expect("connect");
                 opened.send(()).expect("opened");
                 (conn, 1000 + i as u64)
             })
