@@ -91,7 +91,7 @@ impl App {
         let flows = Stage::default();
         // First: accounting moves the process into its cgroup before any socket exists.
         let accounting = Accounting::start(&config.accounting(), &core.cancel, &core.tracker)?;
-        let registry = Arc::new(Registry::new(accounting, config.closed_connections));
+        let registry = Arc::new(Registry::new(accounting, config.closed_connections.get()));
         let (rates, sampler) = speed::start(registry.clone(), flows.cancel.clone());
         flows.tracker.spawn(sampler);
         let selection = Selection::new(config.mode);
@@ -105,7 +105,12 @@ impl App {
             &flows.tracker,
         )?;
         let firewall = match &config.tproxy_firewall {
-            Some(fw) => match firewall::install(fw, config.tproxy_port, config.routing_mark) {
+            Some(fw) => match firewall::install(
+                fw,
+                config.tproxy_port,
+                config.routing_mark,
+                config.bind_address,
+            ) {
                 Ok(installed) => Some(installed),
                 Err(e) => {
                     flows.cancel.cancel();

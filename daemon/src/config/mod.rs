@@ -41,15 +41,17 @@ pub struct Config {
     /// mihomo's `interface-name`: bind outbound sockets to this device (SO_BINDTODEVICE).
     pub interface_name: Option<String>,
     /// Concurrent TCP connections accepted by the TPROXY inbound; more wait in the backlog.
-    pub max_connections: u32,
+    pub max_connections: Count<1, 1_000_000>,
     /// Seconds an outbound TCP connect may take.
-    pub connect_timeout: Seconds,
+    pub connect_timeout: Seconds<1, 300>,
     /// Seconds a relayed TCP connection may stay idle in both directions (0: forever).
-    pub tcp_idle_timeout: Seconds,
+    pub tcp_idle_timeout: Seconds<0, 604_800>,
     /// Seconds a UDP session may stay idle before it is closed.
-    pub udp_idle_timeout: Seconds,
+    pub udp_idle_timeout: Seconds<1, 86_400>,
+    /// Concurrent UDP sessions; when full, the one idle longest is closed.
+    pub udp_max_sessions: Count<1, 1_000_000>,
     /// How many closed flows are kept for the API.
-    pub closed_connections: usize,
+    pub closed_connections: Count<1, 1_000_000>,
     /// mihomo's `sniffer`.
     pub sniffer: SniffConfig,
     /// Firewall rules tpacct installs and removes itself (off unless given).
@@ -97,12 +99,49 @@ pub enum Mode {
     Direct,
 }
 
-/// Whole seconds, as config files give timeouts.
+/// A number of things in `MIN ..= MAX`; anything else is a config error naming the range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
-pub struct Seconds(pub u64);
+#[serde(try_from = "u64")]
+pub struct Count<const MIN: u64, const MAX: u64>(pub u64);
 
-impl Seconds {
+impl<const MIN: u64, const MAX: u64> TryFrom<u64> for Count<MIN, MAX> {
+    type Error = String;
+
+    fn try_from(n: u64) -> Result<Self, String> {
+        in_range::<MIN, MAX>(n, "").map(Count)
+    }
+}
+
+impl<const MIN: u64, const MAX: u64> Count<MIN, MAX> {
+    pub fn get(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+fn in_range<const MIN: u64, const MAX: u64>(n: u64, unit: &str) -> Result<u64, String> {
+    if (MIN..=MAX).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "{n}{unit} is out of range: use {MIN}{unit} to {MAX}{unit}"
+        ))
+    }
+}
+
+/// Whole seconds in `MIN ..= MAX`, as config files give timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "u64")]
+pub struct Seconds<const MIN: u64, const MAX: u64>(pub u64);
+
+impl<const MIN: u64, const MAX: u64> TryFrom<u64> for Seconds<MIN, MAX> {
+    type Error = String;
+
+    fn try_from(n: u64) -> Result<Self, String> {
+        in_range::<MIN, MAX>(n, " s").map(Seconds)
+    }
+}
+
+impl<const MIN: u64, const MAX: u64> Seconds<MIN, MAX> {
     /// As a duration; `None` for 0 where 0 means "never".
     pub fn or_never(self) -> Option<Duration> {
         (self.0 > 0).then(|| Duration::from_secs(self.0))
@@ -144,11 +183,12 @@ impl Default for Config {
             bind_address: BindAddress::Any,
             routing_mark: 0,
             interface_name: None,
-            max_connections: 16_384,
+            max_connections: Count(16_384),
             connect_timeout: Seconds(5),
             tcp_idle_timeout: Seconds(3600),
             udp_idle_timeout: Seconds(60),
-            closed_connections: 1000,
+            udp_max_sessions: Count(4096),
+            closed_connections: Count(1000),
             sniffer: SniffConfig::default(),
             tproxy_firewall: None,
             external_controller: "127.0.0.1:9090".to_owned(),
@@ -326,10 +366,16 @@ impl Config {
             let key = (path != ".")
                 .then_some(path)
                 .or_else(|| unknown_field(&message).map(str::to_owned));
+            // A value's error carries the position of its mapping, not of the key: where the
+            // key is written, say that line.
+            let line = key
+                .as_deref()
+                .and_then(|k| line_of(text, k))
+                .or_else(|| inner.location().map(|l| l.line()));
             Error::Invalid {
                 file: file.to_owned(),
                 key,
-                line: inner.location().map(|l| l.line()),
+                line,
                 message,
             }
         })?;
@@ -360,6 +406,22 @@ impl Config {
                         .into(),
                 ));
             }
+            if fw.fwmark == 0 {
+                return Err(invalid(
+                    "tproxy-firewall.fwmark",
+                    "must not be 0: unmarked packets would all go to the proxy table".into(),
+                ));
+            }
+            if matches!(fw.table, 0 | 253..=255) {
+                return Err(invalid(
+                    "tproxy-firewall.table",
+                    format!(
+                        "{} is reserved (0 unspecified, 253 default, 254 main, 255 local): \
+                         use 1 to 252 or above 255",
+                        fw.table
+                    ),
+                ));
+            }
             if fw.fwmark == self.routing_mark {
                 return Err(invalid(
                     "tproxy-firewall.fwmark",
@@ -381,19 +443,42 @@ impl Config {
                 ),
             ));
         }
-        if self.closed_connections == 0 {
-            return Err(invalid("closed-connections", "must be at least 1".into()));
-        }
         Ok(())
     }
 }
 
-/// The 1-based line where top-level `key` (first segment of a dotted key) is written.
+/// The 1-based line where dotted `key` (`tproxy-firewall.fwmark`) is written: each segment is
+/// looked for among the lines indented deeper than its parent's.
 fn line_of(text: &str, key: &str) -> Option<usize> {
-    let top = key.split('.').next()?;
-    text.lines()
-        .position(|l| l.starts_with(&format!("{top}:")))
-        .map(|i| i + 1)
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let (mut from, mut parent, mut found) = (0, None::<usize>, None);
+    for segment in key.split('.') {
+        let segment = segment.split('[').next().unwrap_or(segment);
+        let wanted = format!("{segment}:");
+        let mut hit = None;
+        for (i, l) in lines.iter().enumerate().skip(from) {
+            let t = l.trim_start().trim_start_matches("- ");
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            match parent {
+                None if indent(l) == 0 && t.starts_with(&wanted) => hit = Some(i),
+                None => {}
+                Some(p) if indent(l) <= p => break,
+                Some(_) if t.starts_with(&wanted) => hit = Some(i),
+                Some(_) => {}
+            }
+            if hit.is_some() {
+                break;
+            }
+        }
+        let i = hit?;
+        found = Some(i + 1);
+        parent = Some(indent(lines[i]));
+        from = i + 1;
+    }
+    found
 }
 
 /// serde_yaml appends " at line L column C"; the line is reported separately.
@@ -500,9 +585,49 @@ mod tests {
     fn cross_key_rules_name_the_key() {
         let e = invalid("routing-mark: 0\ntproxy-firewall:\n  local: true\n");
         assert_eq!(e.key(), Some("tproxy-firewall.local"));
-        assert_eq!(e.line(), Some(2));
+        assert_eq!(e.line(), Some(3));
         let e = invalid("bind-address: nowhere\n");
         assert_eq!(e.key(), Some("bind-address"));
+    }
+
+    #[test]
+    fn every_number_has_a_range() {
+        for (text, key, line) in [
+            ("connect-timeout: 0\n", "connect-timeout", 1),
+            (
+                "log-level: info\nudp-idle-timeout: 0\n",
+                "udp-idle-timeout",
+                2,
+            ),
+            ("tcp-idle-timeout: 9999999\n", "tcp-idle-timeout", 1),
+            ("max-connections: 0\n", "max-connections", 1),
+            ("udp-max-sessions: 0\n", "udp-max-sessions", 1),
+            ("closed-connections: 0\n", "closed-connections", 1),
+            ("tproxy-port: 70000\n", "tproxy-port", 1),
+            ("routing-mark: -1\n", "routing-mark", 1),
+        ] {
+            let e = invalid(text);
+            assert_eq!(e.key(), Some(key), "{text}: {e}");
+            assert_eq!(e.line(), Some(line), "{text}: {e}");
+        }
+        assert!(
+            invalid("connect-timeout: 0\n")
+                .to_string()
+                .contains("1 s to 300 s")
+        );
+    }
+
+    #[test]
+    fn nested_keys_are_found_on_their_line() {
+        let text = "tproxy-firewall:\n  interfaces: [lan0]\n  # the mark\n  fwmark: 0\n";
+        let e = invalid(text);
+        assert_eq!(e.key(), Some("tproxy-firewall.fwmark"));
+        assert_eq!(e.line(), Some(4));
+        let e = invalid("routing-mark: 1\ntproxy-firewall:\n  table: 254\n");
+        assert_eq!(
+            (e.key(), e.line()),
+            (Some("tproxy-firewall.table"), Some(3))
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ mod nft;
 
 use std::process::Command;
 
-use crate::config::FirewallConfig;
+use crate::config::{BindAddress, FirewallConfig};
 
 pub use nft::ruleset;
 
@@ -24,15 +24,29 @@ pub struct Installed {
     removed: bool,
 }
 
-/// Cleans leftovers, then installs the table and routing for `port`, letting traffic marked
-/// `routing_mark` through untouched.
-pub fn install(config: &FirewallConfig, port: u16, routing_mark: u32) -> Result<Installed, Error> {
+/// Cleans leftovers, then installs the table and routing for the listener on `bind`:`port`,
+/// letting traffic marked `routing_mark` through untouched.
+pub fn install(
+    config: &FirewallConfig,
+    port: u16,
+    routing_mark: u32,
+    bind: BindAddress,
+) -> Result<Installed, Error> {
     clean(config);
     let mut installed = Installed {
         config: config.clone(),
         removed: false,
     };
-    let script = ruleset(config, port, routing_mark);
+    let script = ruleset(config, port, routing_mark, bind);
+    match nft::targets(bind) {
+        (Some(_), None) => tracing::warn!(
+            "tproxy-firewall: bind-address {bind:?} is IPv4 only: IPv6 traffic is not captured"
+        ),
+        (None, Some(_)) => tracing::warn!(
+            "tproxy-firewall: bind-address {bind:?} is IPv6 only: IPv4 traffic is not captured"
+        ),
+        _ => {}
+    }
     run_with_input("nft", &["-f", "-"], &script)?;
     let (mark, table) = (config.fwmark.to_string(), config.table.to_string());
     for family in ["-4", "-6"] {

@@ -4,13 +4,32 @@ use std::fmt::Write;
 
 use ipnet::IpNet;
 
-use crate::config::FirewallConfig;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::config::{BindAddress, FirewallConfig};
+
+/// Where TPROXY sends each family, following the listener: the wildcard listeners are reached
+/// through loopback; a listener bound to one address is reached at that address, and the other
+/// family is not captured at all (nothing would accept it).
+pub fn targets(bind: BindAddress) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+    match bind {
+        BindAddress::Any => (Some(Ipv4Addr::LOCALHOST), Some(Ipv6Addr::LOCALHOST)),
+        BindAddress::One(IpAddr::V4(ip)) if ip.is_unspecified() => {
+            (Some(Ipv4Addr::LOCALHOST), None)
+        }
+        BindAddress::One(IpAddr::V4(ip)) => (Some(ip), None),
+        BindAddress::One(IpAddr::V6(ip)) if ip.is_unspecified() => {
+            (None, Some(Ipv6Addr::LOCALHOST))
+        }
+        BindAddress::One(IpAddr::V6(ip)) => (None, Some(ip)),
+    }
+}
 
 /// The table for `config`: LAN traffic (and, with `local`, this host's own) to TCP or UDP
 /// destinations that are not this host, not broadcast/multicast and not bypassed goes to the
-/// TPROXY listener on `port`, marked `fwmark` for the local routing table. Packets carrying
-/// `routing_mark` (the proxy's own) are left alone.
-pub fn ruleset(config: &FirewallConfig, port: u16, routing_mark: u32) -> String {
+/// TPROXY listener on `port` (at the address `bind` gives it), marked `fwmark` for the local
+/// routing table. Packets carrying `routing_mark` (the proxy's own) are left alone.
+pub fn ruleset(config: &FirewallConfig, port: u16, routing_mark: u32, bind: BindAddress) -> String {
     let mut out = String::new();
     let table = &config.nft_table;
     let fwmark = config.fwmark;
@@ -53,14 +72,19 @@ pub fn ruleset(config: &FirewallConfig, port: u16, routing_mark: u32) -> String 
         let _ = writeln!(out, "    iifname != {{ {} }} return", interfaces.join(", "));
     }
     skip(&mut out);
-    let _ = writeln!(
-        out,
-        "    meta nfproto ipv4 meta l4proto {{ tcp, udp }} tproxy ip to 127.0.0.1:{port} meta mark set {fwmark} accept"
-    );
-    let _ = writeln!(
-        out,
-        "    meta nfproto ipv6 meta l4proto {{ tcp, udp }} tproxy ip6 to [::1]:{port} meta mark set {fwmark} accept"
-    );
+    let (v4_to, v6_to) = targets(bind);
+    if let Some(ip) = v4_to {
+        let _ = writeln!(
+            out,
+            "    meta nfproto ipv4 meta l4proto {{ tcp, udp }} tproxy ip to {ip}:{port} meta mark set {fwmark} accept"
+        );
+    }
+    if let Some(ip) = v6_to {
+        let _ = writeln!(
+            out,
+            "    meta nfproto ipv6 meta l4proto {{ tcp, udp }} tproxy ip6 to [{ip}]:{port} meta mark set {fwmark} accept"
+        );
+    }
     let _ = writeln!(out, "  }}");
     if config.local {
         let _ = writeln!(
@@ -89,7 +113,7 @@ mod tests {
             ],
             ..FirewallConfig::default()
         };
-        let r = ruleset(&config, 7893, 0);
+        let r = ruleset(&config, 7893, 0, BindAddress::Any);
         assert!(
             r.contains("iifname != { \"lan0\", \"wlan0\" } return"),
             "{r}"
@@ -115,9 +139,36 @@ mod tests {
             local: true,
             ..FirewallConfig::default()
         };
-        let r = ruleset(&config, 7893, 6666);
+        let r = ruleset(&config, 7893, 6666, BindAddress::Any);
         assert!(r.contains("iifname != { \"lan0\", \"lo\" } return"), "{r}");
         assert!(r.contains("chain output"), "{r}");
         assert_eq!(r.matches("meta mark 6666 return").count(), 2, "{r}");
+    }
+
+    #[test]
+    fn rules_follow_a_specific_bind_address() {
+        let config = FirewallConfig {
+            interfaces: vec!["lan0".into()],
+            ..FirewallConfig::default()
+        };
+        let v4 = ruleset(
+            &config,
+            7893,
+            0,
+            BindAddress::One("10.0.0.1".parse().expect("ip")),
+        );
+        assert!(v4.contains("tproxy ip to 10.0.0.1:7893"), "{v4}");
+        assert!(
+            !v4.contains("tproxy ip6"),
+            "nothing would accept IPv6: {v4}"
+        );
+        let v6 = ruleset(
+            &config,
+            7893,
+            0,
+            BindAddress::One("fd00::1".parse().expect("ip")),
+        );
+        assert!(v6.contains("tproxy ip6 to [fd00::1]:7893"), "{v6}");
+        assert!(!v6.contains("tproxy ip to"), "{v6}");
     }
 }

@@ -47,6 +47,7 @@ struct Shared {
     sniff: SniffConfig,
     tcp_idle: Option<Duration>,
     udp_idle: Duration,
+    udp_max_sessions: usize,
     port: u16,
 }
 
@@ -114,6 +115,7 @@ pub fn start(
         sniff: config.sniffer.clone(),
         tcp_idle: config.tcp_idle_timeout.or_never(),
         udp_idle: config.udp_idle_timeout.duration(),
+        udp_max_sessions: config.udp_max_sessions.get(),
         port,
     });
     let mut bound = Vec::new();
@@ -149,7 +151,7 @@ pub fn start(
         tracker.spawn(tcp::serve(
             tcp,
             shared.clone(),
-            config.max_connections,
+            config.max_connections.get(),
             cancel.clone(),
             tracker.clone(),
         ));

@@ -30,7 +30,7 @@ const SNIFF_WAIT: Duration = Duration::from_millis(100);
 pub(super) async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
-    max_connections: u32,
+    max_connections: usize,
     cancel: CancellationToken,
     tracker: TaskTracker,
 ) {
@@ -41,7 +41,7 @@ pub(super) async fn serve(
             return;
         }
     };
-    let limit = Arc::new(Semaphore::new(max_connections.max(1) as usize));
+    let limit = Arc::new(Semaphore::new(max_connections.max(1)));
     loop {
         let permit = tokio::select! {
             () = cancel.cancelled() => return,

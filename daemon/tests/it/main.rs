@@ -14,9 +14,11 @@ mod firewall;
 mod ring_full;
 mod tcp_live;
 mod tcp_totals;
+mod tproxy_bind;
 mod tproxy_scale;
 mod tproxy_tcp;
 mod tproxy_udp;
+mod tproxy_udp_scale;
 mod udp_totals;
 
 fn main() {
@@ -31,9 +33,11 @@ fn main() {
         ring_full::tests(),
         tcp_live::tests(),
         tcp_totals::tests(),
+        tproxy_bind::tests(),
         tproxy_scale::tests(),
         tproxy_tcp::tests(),
         tproxy_udp::tests(),
+        tproxy_udp_scale::tests(),
         udp_totals::tests(),
     ]
     .into_iter()

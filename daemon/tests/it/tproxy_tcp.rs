@@ -15,7 +15,7 @@ use tpacct::{config::AccountingMode, registry::Traffic};
 
 /// The server reads everything the client sends, then answers with `reply` bytes; the
 /// client checks the answer. Returns the closed flow's traffic.
-fn exchange(
+pub(crate) fn exchange(
     topo: &Topology,
     gw: &crate::common::topo::Gateway,
     server_ip: &str,

@@ -19,7 +19,11 @@ fn reply_size(request: usize) -> usize {
     (request * 2).min(60_000)
 }
 
-fn request_response(topo: &Topology, gw: &crate::common::topo::Gateway, server_ip: &str) {
+pub(crate) fn request_response(
+    topo: &Topology,
+    gw: &crate::common::topo::Gateway,
+    server_ip: &str,
+) {
     let port = 5353;
     let server_addr = socket(server_ip, port);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
