@@ -66,8 +66,9 @@ pub struct App {
 }
 
 impl App {
-    /// Builds and starts every part. Must run inside a tokio runtime.
-    pub fn start(config: &Config) -> Result<App, Error> {
+    /// Builds and starts every part. Blocking steps (cgroup and program set-up, `nft` and
+    /// `ip`) run off the runtime's workers.
+    pub async fn start(config: &Config) -> Result<App, Error> {
         let mut config = config.clone();
         if !config.external_controller.is_empty() {
             let dir = crate::state::dir(config.directory.as_deref());
@@ -104,20 +105,23 @@ impl App {
             &flows.cancel,
             &flows.tracker,
         )?;
-        let firewall = match &config.tproxy_firewall {
-            Some(fw) => match firewall::install(
-                fw,
-                config.tproxy_port,
-                config.routing_mark,
-                config.bind_address,
-            ) {
-                Ok(installed) => Some(installed),
-                Err(e) => {
-                    flows.cancel.cancel();
-                    core.cancel.cancel();
-                    return Err(e.into());
+        let firewall = match config.tproxy_firewall.clone() {
+            Some(fw) => {
+                let (port, mark, bind) =
+                    (config.tproxy_port, config.routing_mark, config.bind_address);
+                let installed =
+                    tokio::task::spawn_blocking(move || firewall::install(&fw, port, mark, bind))
+                        .await
+                        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                match installed {
+                    Ok(installed) => Some(installed),
+                    Err(e) => {
+                        flows.cancel.cancel();
+                        core.cancel.cancel();
+                        return Err(e.into());
+                    }
                 }
-            },
+            }
             None => None,
         };
         Ok(App {
@@ -155,7 +159,7 @@ impl App {
     /// cgroup removed when `self` drops here.
     pub async fn shutdown(self) {
         if let Some(fw) = self.firewall {
-            fw.remove();
+            let _ = tokio::task::spawn_blocking(move || fw.remove()).await;
         }
         self.flows.cancel.cancel();
         self.registry.close_all();
@@ -167,7 +171,7 @@ impl App {
 /// Runs the daemon until `stop` resolves.
 pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<(), Error> {
     tracing::info!("tpacctd {} starting", env!("CARGO_PKG_VERSION"));
-    let app = App::start(&config)?;
+    let app = App::start(&config).await?;
     tracing::info!("ready");
     stop.await;
     tracing::info!("stopping");

@@ -23,6 +23,8 @@ pub struct Logging {
     filter: reload::Handle<EnvFilter, Registry>,
     records: broadcast::Sender<Record>,
     level: std::sync::Mutex<LogLevel>,
+    /// Flushes the writer thread's queue when taken and dropped ([`flush`]).
+    writer: std::sync::Mutex<Option<tracing_appender::non_blocking::WorkerGuard>>,
 }
 
 static LOGGING: OnceLock<Logging> = OnceLock::new();
@@ -35,17 +37,35 @@ pub fn init(level: LogLevel) -> &'static Logging {
         let (filter, handle) = reload::Layer::new(filter);
         let (records, _) = broadcast::channel(1024);
         let broadcast = Broadcast(records.clone());
+        // Lines go to stderr from a writer thread; when its queue is full they are dropped
+        // (and counted by the appender) rather than blocking the caller.
+        let (stderr, guard) = tracing_appender::non_blocking(std::io::stderr());
         let _ = tracing_subscriber::registry()
             .with(filter)
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(
+                        std::io::IsTerminal::is_terminal(&std::io::stderr())
+                            && std::env::var_os("NO_COLOR").is_none(),
+                    )
+                    .with_writer(stderr),
+            )
             .with(broadcast)
             .try_init();
         Logging {
             filter: handle,
             records,
             level: std::sync::Mutex::new(level),
+            writer: std::sync::Mutex::new(Some(guard)),
         }
     })
+}
+
+/// Writes out every queued line; call before the process exits. Later lines are dropped.
+pub fn flush() {
+    if let Some(l) = LOGGING.get() {
+        drop(l.writer.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
 }
 
 /// The installed logger, if any.

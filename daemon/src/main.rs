@@ -69,13 +69,15 @@ fn main() -> ExitCode {
             };
             config.directory = directory;
             logging::init(config.log_level);
-            match serve(config) {
+            let code = match serve(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
                     ExitCode::FAILURE
                 }
-            }
+            };
+            logging::flush();
+            code
         }
     }
 }

@@ -48,6 +48,8 @@ pub struct ApiState {
     pub delays: delay::History,
     /// Open WebSockets (each holds a permit; they outlive their HTTP connection's slot).
     pub websockets: Arc<tokio::sync::Semaphore>,
+    /// The cgroup's memory limit, read once at start (finding the cgroup may mount cgroup2).
+    pub memory_limit: u64,
 }
 
 impl ApiState {
@@ -65,6 +67,7 @@ impl ApiState {
             direct: crate::outbound::Direct::new(config),
             delays: delay::History::default(),
             websockets: Arc::new(tokio::sync::Semaphore::new(MAX_WEBSOCKETS)),
+            memory_limit: crate::speed::memory_limit(),
         })
     }
 }

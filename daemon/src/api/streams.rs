@@ -141,7 +141,7 @@ pub(super) async fn traffic(State(state): State<Arc<ApiState>>, ws: MaybeWs) -> 
 }
 
 pub(super) async fn memory(State(state): State<Arc<ApiState>>, ws: MaybeWs) -> Response {
-    let limit = speed::memory_limit();
+    let limit = state.memory_limit;
     let frames = every(Duration::from_secs(1), move || {
         serde_json::json!({ "inuse": speed::rss(), "oslimit": limit }).to_string()
     });

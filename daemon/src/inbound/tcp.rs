@@ -181,20 +181,13 @@ fn is_self(destination: SocketAddr, port: u16) -> bool {
         return false;
     }
     let ip = destination.ip();
-    ip.is_loopback() || ip.is_unspecified() || local_addresses().contains(&ip)
+    ip.is_loopback() || ip.is_unspecified() || is_local(ip)
 }
 
-fn local_addresses() -> Vec<IpAddr> {
-    nix::ifaddrs::getifaddrs()
-        .map(|addrs| {
-            addrs
-                .filter_map(|a| a.address)
-                .filter_map(|a| {
-                    a.as_sockaddr_in()
-                        .map(|v4| IpAddr::V4(v4.ip()))
-                        .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+/// Whether `ip` is one of this host's addresses: only those can be bound without
+/// IP_TRANSPARENT (two syscalls, no interface listing; with `net.ipv4.ip_nonlocal_bind` set
+/// every address binds, and a redirected connection to another host's port `tproxy-port` is
+/// refused rather than looped).
+fn is_local(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }

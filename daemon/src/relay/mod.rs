@@ -4,7 +4,7 @@
 
 mod splice;
 
-use std::{future::Future, io, os::fd::AsRawFd, time::Duration};
+use std::{future::Future, io, time::Duration};
 
 use socket2::SockRef;
 use tokio::{io::Interest, net::TcpStream};
@@ -141,12 +141,11 @@ async fn pump(
     read_meter: &Meter,
     write_meter: &Meter,
 ) -> Result<(), PumpError> {
-    let (src_fd, dst_fd) = (src.as_raw_fd(), dst.as_raw_fd());
     src.readable().await.map_err(PumpError::Read)?;
     let pipe = Pipe::new().map_err(PumpError::Read)?;
     loop {
         let n = loop {
-            match src.try_io(Interest::READABLE, || pipe.fill(src_fd, pipe.capacity)) {
+            match src.try_io(Interest::READABLE, || pipe.fill(src, pipe.capacity)) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     src.readable().await.map_err(PumpError::Read)?;
                 }
@@ -160,7 +159,7 @@ async fn pump(
         read_meter.add_rx(n as u64);
         let mut left = n;
         while left > 0 {
-            match dst.try_io(Interest::WRITABLE, || pipe.drain(dst_fd, left)) {
+            match dst.try_io(Interest::WRITABLE, || pipe.drain(dst, left)) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     dst.writable().await.map_err(PumpError::Write)?;
                 }

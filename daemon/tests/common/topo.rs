@@ -149,7 +149,7 @@ impl Gateway {
                 .build()
                 .expect("runtime");
             rt.block_on(async move {
-                let app = App::start(&config).expect("start tpacct");
+                let app = App::start(&config).await.expect("start tpacct");
                 ready_tx
                     .send((app.registry().clone(), app.listening().to_vec()))
                     .expect("report ready");
