@@ -63,6 +63,16 @@ pub struct App {
     listening: Vec<SocketAddr>,
     api: Option<SocketAddr>,
     firewall: Option<firewall::Installed>,
+    restart: CancellationToken,
+}
+
+/// Why the daemon stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// SIGTERM or SIGINT.
+    Stop,
+    /// `POST /restart`: the caller starts the executable again.
+    Restart,
 }
 
 impl App {
@@ -97,6 +107,7 @@ impl App {
         flows.tracker.spawn(sampler);
         let selection = Selection::new(config.mode);
         let state = api::ApiState::new(registry.clone(), rates, config, selection.clone());
+        let restart = state.restart.clone();
         let api = api::start(config, state, &flows.cancel, &flows.tracker)?;
         let listening = inbound::start(
             config,
@@ -131,6 +142,7 @@ impl App {
             listening,
             api,
             firewall,
+            restart,
         })
     }
 
@@ -168,13 +180,17 @@ impl App {
     }
 }
 
-/// Runs the daemon until `stop` resolves.
-pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<(), Error> {
+/// Runs the daemon until `stop` resolves or a restart is asked for.
+pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<Exit, Error> {
     tracing::info!("tpacctd {} starting", env!("CARGO_PKG_VERSION"));
     let app = App::start(&config).await?;
     tracing::info!("ready");
-    stop.await;
+    let restart = app.restart.clone();
+    let exit = tokio::select! {
+        () = stop => Exit::Stop,
+        () = restart.cancelled() => Exit::Restart,
+    };
     tracing::info!("stopping");
     app.shutdown().await;
-    Ok(())
+    Ok(exit)
 }

@@ -70,7 +70,8 @@ fn main() -> ExitCode {
             config.directory = directory;
             logging::init(config.log_level);
             let code = match serve(config) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(app::Exit::Stop) => ExitCode::SUCCESS,
+                Ok(app::Exit::Restart) => restart(),
                 Err(e) => {
                     tracing::error!("{e:#}");
                     ExitCode::FAILURE
@@ -82,15 +83,30 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(config: Config) -> anyhow::Result<app::Exit> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         // Installed before anything starts: a SIGTERM right after "ready" must stop us
         // cleanly, not kill us with the default action.
         let stop = stop_signal()?;
-        app::run(config, stop).await?;
-        Ok(())
+        Ok(app::run(config, stop).await?)
     })
+}
+
+/// Replaces this process with a fresh start of the same executable and arguments (same pid,
+/// as mihomo does). Returns only if that fails.
+fn restart() -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    tracing::info!("restarting");
+    logging::flush();
+    let error = match std::env::current_exe() {
+        Ok(exe) => std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .exec(),
+        Err(e) => e,
+    };
+    eprintln!("tpacctd: restarting: {error}");
+    ExitCode::FAILURE
 }
 
 /// A future resolving on SIGTERM or SIGINT; the handlers are installed when this returns.

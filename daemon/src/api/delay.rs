@@ -55,10 +55,24 @@ pub(super) struct DelayQuery {
 }
 
 /// A validated test request.
-struct Test {
+pub(super) struct Test {
     url: url::Url,
     timeout: Duration,
     expected: Vec<(u16, u16)>,
+}
+
+/// mihomo's default test URL.
+pub(super) const DEFAULT_URL: &str = "https://www.gstatic.com/generate_204";
+
+impl Test {
+    /// A health check with mihomo's defaults (its URL, 5 s, any status).
+    pub(super) fn default_check() -> Test {
+        Test {
+            url: url::Url::parse(DEFAULT_URL).unwrap_or_else(|_| unreachable!("a valid URL")),
+            timeout: Duration::from_secs(5),
+            expected: Vec::new(),
+        }
+    }
 }
 
 impl DelayQuery {
@@ -115,7 +129,7 @@ fn parse_expected(spec: &str) -> Option<Vec<(u16, u16)>> {
         .collect()
 }
 
-enum Failure {
+pub(super) enum Failure {
     Timeout,
     Error(String),
 }
@@ -250,15 +264,22 @@ pub(super) async fn group(
     Path(name): Path<String>,
     Query(q): Query<DelayQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let members = meta::members(&name)?;
+    let members = meta::members(&state, &name)?;
     let test = q.validate()?;
-    let results =
-        futures_util::future::join_all(members.iter().map(|m| test_proxy(&state, m, &test))).await;
     let mut out = serde_json::Map::new();
-    for (member, result) in members.iter().zip(results) {
+    for (member, result) in members.iter().zip(test_all(&state, &members, &test).await) {
         if let Ok(delay) = result {
-            out.insert((*member).to_owned(), json!(delay));
+            out.insert(member.clone(), json!(delay));
         }
     }
     Ok(Json(Value::Object(out)))
+}
+
+/// Tests each of `names` at once, recording every result.
+pub(super) async fn test_all(
+    state: &ApiState,
+    names: &[String],
+    test: &Test,
+) -> Vec<Result<u64, Failure>> {
+    futures_util::future::join_all(names.iter().map(|m| test_proxy(state, m, test))).await
 }

@@ -139,7 +139,23 @@ fn global(state: &ApiState) -> Value {
     })
 }
 
-fn find(state: &ApiState, name: &str) -> Result<Value, ApiError> {
+pub(super) const GLOBAL_NAME: &str = GLOBAL;
+
+/// Every proxy and group, in mihomo's `default` provider order (leaves, then groups).
+pub(super) fn proxy_names(_state: &ApiState) -> Vec<String> {
+    leaf_names()
+        .into_iter()
+        .chain([GLOBAL])
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Every group.
+pub(super) fn group_names(_state: &ApiState) -> Vec<String> {
+    vec![GLOBAL.to_owned()]
+}
+
+pub(super) fn find(state: &ApiState, name: &str) -> Result<Value, ApiError> {
     if name == GLOBAL {
         return Ok(global(state));
     }
@@ -170,9 +186,9 @@ pub(super) fn resolve(state: &ApiState, name: &str) -> String {
 }
 
 /// The members of group `name`.
-pub(super) fn members(name: &str) -> Result<Vec<&'static str>, ApiError> {
+pub(super) fn members(_state: &ApiState, name: &str) -> Result<Vec<String>, ApiError> {
     if name == GLOBAL {
-        Ok(leaf_names())
+        Ok(leaf_names().into_iter().map(str::to_owned).collect())
     } else {
         Err(ApiError::not_found(format!("no group named `{name}`")))
     }

@@ -4,8 +4,10 @@
 
 mod auth;
 mod connections;
+mod control;
 mod delay;
 mod meta;
+mod providers;
 mod server;
 mod streams;
 
@@ -16,7 +18,7 @@ use axum::{
     http::{HeaderValue, Method, StatusCode, header},
     middleware,
     response::{IntoResponse, Response},
-    routing::{delete, get},
+    routing::{delete, get, post, put},
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -50,6 +52,8 @@ pub struct ApiState {
     pub websockets: Arc<tokio::sync::Semaphore>,
     /// The cgroup's memory limit, read once at start (finding the cgroup may mount cgroup2).
     pub memory_limit: u64,
+    /// Fired by `POST /restart`.
+    pub restart: CancellationToken,
 }
 
 impl ApiState {
@@ -68,6 +72,7 @@ impl ApiState {
             delays: delay::History::default(),
             websockets: Arc::new(tokio::sync::Semaphore::new(MAX_WEBSOCKETS)),
             memory_limit: crate::speed::memory_limit(),
+            restart: CancellationToken::new(),
         })
     }
 }
@@ -115,12 +120,42 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/logs", get(streams::logs))
         .route("/configs", get(meta::configs).patch(meta::patch_configs))
         .route("/proxies", get(meta::proxies))
-        .route("/proxies/{name}", get(meta::proxy).put(meta::select))
+        .route(
+            "/proxies/{name}",
+            get(meta::proxy).put(meta::select).delete(control::unfix),
+        )
         .route("/group", get(meta::groups))
         .route("/proxies/{name}/delay", get(delay::proxy))
         .route("/group/{name}", get(meta::group))
         .route("/group/{name}/delay", get(delay::group))
         .route("/rules", get(meta::rules))
+        .route("/providers/proxies", get(providers::list))
+        .route(
+            "/providers/proxies/{provider}",
+            get(providers::one).put(providers::update),
+        )
+        .route(
+            "/providers/proxies/{provider}/healthcheck",
+            get(providers::healthcheck),
+        )
+        .route(
+            "/providers/proxies/{provider}/{name}",
+            get(providers::proxy),
+        )
+        .route(
+            "/providers/proxies/{provider}/{name}/healthcheck",
+            get(providers::proxy_healthcheck),
+        )
+        .route("/providers/rules", get(providers::rules))
+        .route("/providers/rules/{name}", put(providers::update_rules))
+        .route("/cache/fakeip/flush", post(control::flush))
+        .route("/cache/dns/flush", post(control::flush))
+        .route("/dns/query", get(control::dns_query))
+        .route("/upgrade", post(control::upgrade))
+        .route("/upgrade/ui", post(control::upgrade))
+        .route("/upgrade/geo", post(control::update_geo))
+        .route("/configs/geo", post(control::update_geo))
+        .route("/restart", post(control::restart))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require))
         .with_state(state.clone());

@@ -5,6 +5,7 @@
     reason = "each test binary uses a different part of the harness"
 )]
 
+pub mod api;
 pub mod daemon;
 pub mod harness;
 pub mod topo;

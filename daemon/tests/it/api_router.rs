@@ -2,174 +2,17 @@
 //! CORS preflight, bad input as JSON 4xx, and JSON shapes checked key by key and type by type
 //! against the captures from a real mihomo in `../shared/reference/`.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use axum::{
-    Router,
     body::Body,
     http::{Request, StatusCode, header},
 };
 use http_body_util::BodyExt;
 use serde_json::Value;
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::ServiceExt;
-use tpacct::{
-    accounting::Accounting,
-    api::{ApiState, router},
-    config::Mode,
-    config::{AccountingMode, AccountingSettings, Config},
-    registry::{FlowMeta, Leg, Network, Registry},
-    route::{Router as Routes, Selection},
-    speed,
-};
 
-struct Api {
-    router: Router,
-    registry: Arc<Registry>,
-    // Kept alive: the flow's socket pair.
-    _sockets: Vec<tokio::net::TcpStream>,
-}
-
-async fn api(secret: &str) -> Api {
-    let accounting = Accounting::start(
-        &AccountingSettings::with_mode(AccountingMode::Userspace),
-        &CancellationToken::new(),
-        &TaskTracker::new(),
-    )
-    .expect("userspace accounting");
-    let registry = Arc::new(Registry::new(accounting, 10));
-    let (rates, _sampler) = speed::start(registry.clone(), CancellationToken::new());
-    let config = Config {
-        secret: Some(secret.to_owned()),
-        ..Config::default()
-    };
-    Api {
-        router: router(ApiState::new(
-            registry.clone(),
-            rates,
-            &config,
-            Selection::new(config.mode),
-        )),
-        registry,
-        _sockets: Vec::new(),
-    }
-}
-
-/// Registers one TCP flow over a real loopback socket pair, with 1234 B up and 5678 B down.
-async fn with_flow(api: &mut Api) -> uuid::Uuid {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (client, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
-    let (client, (server, source)) = (client.expect("connect"), accepted.expect("accept"));
-    let tracked = api.registry.accounting().track(&server).expect("track");
-    tracked.meter().add_rx(1234);
-    tracked.meter().add_tx(5678);
-    let destination: SocketAddr = "93.184.216.34:443".parse().expect("addr");
-    let flow = api.registry.open(
-        FlowMeta {
-            network: Network::Tcp,
-            inbound_type: "TProxy",
-            inbound_name: "DEFAULT-TPROXY".into(),
-            source,
-            destination,
-            inbound: "10.0.0.1:7893".parse().expect("addr"),
-            route: Routes::new(Selection::new(Mode::Rule)).route(),
-        },
-        tracked,
-        Leg::Client,
-    );
-    flow.set_sniffed_host("example.com".into());
-    flow.set_dialed(destination);
-    api._sockets.extend([client, server]);
-    flow.id
-}
-
-async fn call(api: &Api, req: Request<Body>) -> (StatusCode, Value, axum::http::HeaderMap) {
-    let resp = api.router.clone().oneshot(req).await.expect("response");
-    let (status, headers) = (resp.status(), resp.headers().clone());
-    let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    let json = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
-    };
-    (status, json, headers)
-}
-
-fn get(uri: &str) -> Request<Body> {
-    Request::get(uri).body(Body::empty()).expect("request")
-}
-
-fn with_body(method: &str, uri: &str, body: &str) -> Request<Body> {
-    Request::builder()
-        .method(method)
-        .uri(uri)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_owned()))
-        .expect("request")
-}
-
-/// First line of a streaming (chunked) response.
-async fn first_line(api: &Api, uri: &str) -> Value {
-    let resp = api
-        .router
-        .clone()
-        .oneshot(get(uri))
-        .await
-        .expect("response");
-    assert_eq!(resp.status(), StatusCode::OK, "{uri}");
-    let mut body = resp.into_body();
-    let frame = body.frame().await.expect("a frame").expect("frame ok");
-    let data = frame.into_data().expect("data");
-    let line = String::from_utf8_lossy(&data);
-    serde_json::from_str(line.lines().next().expect("a line")).expect("json line")
-}
-
-fn reference(name: &str) -> Value {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/mihomo-v1.19.23")
-        .join(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-    serde_json::from_str(&text).unwrap_or_else(|_| serde_json::from_str(first).expect("json"))
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "bool",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    }
-}
-
-/// Every key of `theirs` is in `ours` with the same JSON type (mihomo's `null` lists may be
-/// `[]` here); with `all_keys` false, only keys both have are compared.
-fn same_shape(path: &str, ours: &Value, theirs: &Value, all_keys: bool) {
-    match (ours, theirs) {
-        (_, Value::Null) => {}
-        (Value::Object(o), Value::Object(t)) => {
-            for (k, tv) in t {
-                match o.get(k) {
-                    Some(ov) => same_shape(&format!("{path}.{k}"), ov, tv, all_keys),
-                    None if all_keys => panic!("{path}.{k} is missing (mihomo sends it)"),
-                    None => {}
-                }
-            }
-        }
-        (Value::Array(o), Value::Array(t)) => {
-            if let (Some(ov), Some(tv)) = (o.first(), t.first()) {
-                same_shape(&format!("{path}[0]"), ov, tv, all_keys);
-            }
-        }
-        (o, t) => assert_eq!(kind(o), kind(t), "{path}: ours {o}, mihomo's {t}"),
-    }
-}
+use crate::common::api::{api, call, first_line, get, reference, same_shape, with_body, with_flow};
 
 async fn root_and_version() {
     let api = api("").await;

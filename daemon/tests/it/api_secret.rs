@@ -106,10 +106,24 @@ fn the_controller_gets_a_generated_secret() {
     assert!(refused.contains("401"), "{refused}");
     assert!(daemon.terminate().success());
 
-    // The next start keeps the same secret.
-    let (daemon, again, _) = start();
+    // The next start keeps the same secret; `POST /restart` restarts in place.
+    let (daemon, again, addr) = start();
     assert_eq!(again, secret);
-    assert!(daemon.terminate().success());
+    let reply = head(
+        addr,
+        &format!(
+            "POST /restart HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {secret}\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    daemon.wait_for("restarting");
+    daemon.wait_for("starting");
+    daemon.wait_for("ready");
+    assert!(
+        daemon.terminate().success(),
+        "the restarted daemon stops cleanly"
+    );
 }
 
 crate::tests![any the_controller_gets_a_generated_secret];

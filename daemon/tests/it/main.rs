@@ -6,6 +6,7 @@ mod common;
 
 mod api_e2e;
 mod api_router;
+mod api_routes;
 mod api_secret;
 mod api_ws;
 mod churn;
@@ -25,6 +26,7 @@ fn main() {
     let trials = [
         api_e2e::tests(),
         api_router::tests(),
+        api_routes::tests(),
         api_secret::tests(),
         api_ws::tests(),
         churn::tests(),

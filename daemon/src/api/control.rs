@@ -1,0 +1,60 @@
+//! The rest of mihomo's controller routes, each answered honestly for what tpacct is: caches
+//! tpacct does not keep flush as no-ops (204), features it does not have say so in JSON (501),
+//! and `/restart` restarts the daemon in place as mihomo does.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::StatusCode,
+};
+use serde_json::{Value, json};
+
+use super::{ApiError, ApiState, meta};
+
+fn not_implemented(message: &str) -> ApiError {
+    ApiError(StatusCode::NOT_IMPLEMENTED, message.to_owned())
+}
+
+/// `POST /cache/fakeip/flush`, `POST /cache/dns/flush`: tpacct runs no resolver and keeps no
+/// fake-IP pool; nothing to flush.
+pub(super) async fn flush() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
+/// `GET /dns/query`: tpacct runs no DNS resolver of its own.
+pub(super) async fn dns_query() -> ApiError {
+    not_implemented("tpacct runs no DNS resolver: it relays the DNS traffic of its clients")
+}
+
+/// `POST /upgrade`, `POST /upgrade/ui`: tpacct is upgraded by its package manager.
+pub(super) async fn upgrade() -> ApiError {
+    not_implemented(
+        "tpacct is upgraded by installing a new build (cargo xtask install), not through the API",
+    )
+}
+
+/// `POST /upgrade/geo`, `POST /configs/geo`: nothing to download while no rule reads geodata.
+pub(super) async fn update_geo() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
+/// `POST /restart`: answers `{"status":"ok"}`, then the daemon stops cleanly and starts again
+/// from its own executable with the same arguments.
+pub(super) async fn restart(State(state): State<Arc<ApiState>>) -> Json<Value> {
+    tracing::info!("restart requested through the API");
+    state.restart.cancel();
+    Json(json!({ "status": "ok" }))
+}
+
+/// `DELETE /proxies/{name}`: clears a group's fixed choice; a selector has none (400, as mihomo).
+pub(super) async fn unfix(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    meta::find(&state, &name)?;
+    Err(ApiError::bad_request(format!(
+        "`{name}` has no fixed choice to clear (only url-test and fallback groups do)"
+    )))
+}
