@@ -27,13 +27,17 @@ const HTTP_BODY: usize = 100_000;
 const UDP_SIZES: [usize; 3] = [100, 200, 300];
 
 const CONFIG: &str = "\
-# tpacct demo gateway: capture everything arriving from the client namespace.
+# tpacct demo gateway: capture everything arriving from the client namespace. No `secret`:
+# tpacctd generates one at first start and keeps it in its state directory.
 log-level: info
 tproxy-port: 7893
 routing-mark: 6666
+external-controller: 127.0.0.1:9090
 tproxy-firewall:
   interfaces: [gw-lan]
 ";
+/// Where the host reaches the controller (forwarded into the gateway namespace).
+const HOST_API: &str = "127.0.0.1:9090";
 
 /// Child processes killed on drop.
 struct Children(Vec<Child>);
@@ -117,8 +121,11 @@ pub fn run(daemon: &Path, rounds: Option<u32>) -> Result<()> {
         .spawn()?,
     );
 
+    let state = dir.join("state");
     let mut gateway = in_ns(&topo.gateway, daemon, &["run", "--config"])
         .arg(&config)
+        .arg("-d")
+        .arg(&state)
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
         .spawn()
@@ -126,10 +133,22 @@ pub fn run(daemon: &Path, rounds: Option<u32>) -> Result<()> {
     let lines = forward_log(gateway.stderr.take().context("tpacctd stderr")?);
     children.0.push(gateway);
     wait_for(&lines, "ready", Duration::from_secs(20))?;
+    let api = crate::forward::start(
+        HOST_API.parse()?,
+        &topo.gateway,
+        "127.0.0.1:9090".parse()?,
+    )?;
+    let secret = std::fs::read_to_string(state.join("secret")).unwrap_or_default();
+    let secret = secret.trim();
 
     eprintln!(
         "\ndemo: client {} → gateway {} (tpacctd) → server {}",
         topo.client, topo.gateway, topo.server
+    );
+    eprintln!(
+        "demo: Clash API on http://{api} (from this host), secret {secret}\n\
+         demo:   try: curl -H 'Authorization: Bearer {secret}' http://{api}/connections\n\
+         demo:   or point a dashboard (metacubexd, zashboard, yacd) at http://{api} with that secret\n"
     );
     let mut round = 0;
     while rounds.is_none_or(|n| round < n) && !stop.load(Ordering::SeqCst) {

@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod forward;
 mod netns;
 mod process;
 mod setup;

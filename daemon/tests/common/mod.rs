@@ -52,8 +52,32 @@ pub struct Netns {
     pub name: String,
 }
 
+/// Deletes test namespaces (`tpacct-<tag>-<pid>-<n>`) left by test processes that died.
+fn remove_stale_namespaces() {
+    let Ok(entries) = std::fs::read_dir("/var/run/netns") else {
+        return;
+    };
+    for name in entries.flatten().filter_map(|e| e.file_name().into_string().ok()) {
+        let mut parts = name.split('-');
+        let (Some("tpacct"), Some(_tag), Some(pid), Some(_n), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !std::path::Path::new("/proc").join(pid).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+}
+
 impl Netns {
     pub fn new(tag: &str) -> Netns {
+        static CLEANED: std::sync::Once = std::sync::Once::new();
+        CLEANED.call_once(remove_stale_namespaces);
         let name = format!(
             "tpacct-{tag}-{}-{}",
             std::process::id(),
