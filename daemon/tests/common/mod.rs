@@ -44,6 +44,11 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// What "at once" is checked against where no number is promised (a banner not held back, a
+/// REJECT's reset, a refused upstream's reset): far above a scheduling hiccup on a busy
+/// two-core machine, far below any timeout whose expiry would betray waiting.
+pub const AT_ONCE: Duration = Duration::from_millis(250);
+
 /// How long `finish` may wait for the kernel's close event in tests.
 pub const GRACE: Duration = Duration::from_secs(5);
 

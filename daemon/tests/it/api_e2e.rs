@@ -347,7 +347,7 @@ fn global_mode_follows_the_selector_in_the_data_path() {
             });
             assert!(rejected.0, "REJECT resets the client");
             assert!(
-                rejected.1 < Duration::from_millis(100),
+                rejected.1 < crate::common::AT_ONCE,
                 "reset after {:?}",
                 rejected.1
             );
