@@ -2,8 +2,8 @@
 //!
 //! Modules in data-flow order: [`config`] → [`inbound`] → [`sniff`] → [`route`] →
 //! [`outbound`] → [`relay`] → [`accounting`] (with [`cgroup`]) → [`registry`] → [`speed`] →
-//! [`snapshot`] → [`api`]; [`firewall`] steers traffic in, and [`app`] wires it all together.
-//! See `ARCHITECTURE.md`.
+//! [`snapshot`] → [`api`]; [`firewall`] steers traffic in, [`state`] keeps what outlives a run,
+//! and [`app`] wires it all together. See `ARCHITECTURE.md` at the repository's root.
 
 pub mod accounting;
 pub mod api;
