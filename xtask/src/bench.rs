@@ -402,7 +402,7 @@ fn start(who: Contender, topo: &Topology, daemon: &Path, dir: &Path) -> Result<G
                 home.join("config.yaml"),
                 "tproxy-port: 7893\nallow-lan: true\nbind-address: '*'\nmode: rule\n\
                  log-level: warning\nipv6: false\nexternal-controller: 127.0.0.1:9090\n\
-                 rules:\n  - 'MATCH,DIRECT'\n",
+                 secret: bench\nrules:\n  - 'MATCH,DIRECT'\n",
             )?;
             let home = home.to_string_lossy().into_owned();
             return behind_rules(topo, &binary, &["-d", &home]);
@@ -428,7 +428,7 @@ fn start(who: Contender, topo: &Topology, daemon: &Path, dir: &Path) -> Result<G
         format!(
             "log-level: warning\naccounting: {mode}\ntproxy-port: 7893\nrouting-mark: 6666\n\
              tcp-idle-timeout: 0\nmax-connections: 200000\nexternal-controller: 127.0.0.1:9090\n\
-             tproxy-firewall:\n  interfaces: [gw-lan]\n"
+             secret: bench\ntproxy-firewall:\n  interfaces: [gw-lan]\n"
         ),
     )?;
     let mut child = Topology::exec(&topo.gateway, daemon)
@@ -572,7 +572,9 @@ fn scale(topo: &Topology, me: &Path, pid: u32, n: usize) -> Result<(f64, f64)> {
     for _ in 0..5 {
         let out = Topology::exec(&topo.gateway, Path::new("curl"))
             .args([
-                "-s",
+                "-sf",
+                "-H",
+                "Authorization: Bearer bench",
                 "-o",
                 "/dev/null",
                 "-w",
@@ -580,7 +582,9 @@ fn scale(topo: &Topology, me: &Path, pid: u32, n: usize) -> Result<(f64, f64)> {
                 "http://127.0.0.1:9090/connections",
             ])
             .output()?;
-        if let Ok(secs) = String::from_utf8_lossy(&out.stdout).trim().parse::<f64>() {
+        if out.status.success()
+            && let Ok(secs) = String::from_utf8_lossy(&out.stdout).trim().parse::<f64>()
+        {
             times.push(secs * 1000.0);
         }
     }
