@@ -133,11 +133,7 @@ pub fn run(daemon: &Path, rounds: Option<u32>) -> Result<()> {
     let lines = forward_log(gateway.stderr.take().context("tpacctd stderr")?);
     children.0.push(gateway);
     wait_for(&lines, "ready", Duration::from_secs(20))?;
-    let api = crate::forward::start(
-        HOST_API.parse()?,
-        &topo.gateway,
-        "127.0.0.1:9090".parse()?,
-    )?;
+    let api = crate::forward::start(HOST_API.parse()?, &topo.gateway, "127.0.0.1:9090".parse()?)?;
     let secret = std::fs::read_to_string(state.join("secret")).unwrap_or_default();
     let secret = secret.trim();
 

@@ -62,7 +62,10 @@ fn remove_stale_namespaces() {
     let Ok(entries) = std::fs::read_dir("/var/run/netns") else {
         return;
     };
-    for name in entries.flatten().filter_map(|e| e.file_name().into_string().ok()) {
+    for name in entries
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+    {
         let mut parts = name.split('-');
         let (Some("tpacct"), Some(_tag), Some(pid), Some(_n), None) = (
             parts.next(),

@@ -164,10 +164,7 @@ fn server_first_banner_is_not_held_back() {
                 start.elapsed()
             });
             server.join().expect("server");
-            assert!(
-                elapsed < crate::common::AT_ONCE,
-                "banner took {elapsed:?}"
-            );
+            assert!(elapsed < crate::common::AT_ONCE, "banner took {elapsed:?}");
             eprintln!("banner arrived {elapsed:?} after connect");
         },
     );
