@@ -5,6 +5,7 @@
 mod common;
 
 mod api_e2e;
+mod api_flood;
 mod api_router;
 mod api_routes;
 mod api_secret;
@@ -25,6 +26,7 @@ mod udp_totals;
 fn main() {
     let trials = [
         api_e2e::tests(),
+        api_flood::tests(),
         api_router::tests(),
         api_routes::tests(),
         api_secret::tests(),
