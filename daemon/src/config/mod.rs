@@ -2,19 +2,21 @@
 //! keys and bad values are an [`Error`] naming the key and its line (the binary exits 64).
 
 mod firewall;
+mod lines;
 mod sniffer;
+#[cfg(test)]
+mod tests;
+mod types;
 
-use std::{
-    fmt,
-    net::IpAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 pub use firewall::FirewallConfig;
 pub use sniffer::{PortRange, SniffConfig};
+pub use types::{AccountingMode, BindAddress, Count, LogLevel, MaxSockets, Mode, Seconds};
+
+use lines::line_of;
 
 /// Everything the daemon reads from its config file. Every key has a default, so an empty
 /// file (or no file) is a valid configuration.
@@ -89,89 +91,6 @@ impl Default for Cors {
     }
 }
 
-/// mihomo's routing modes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    #[default]
-    Rule,
-    Global,
-    Direct,
-}
-
-/// A number of things in `MIN ..= MAX`; anything else is a config error naming the range.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "u64")]
-pub struct Count<const MIN: u64, const MAX: u64>(pub u64);
-
-impl<const MIN: u64, const MAX: u64> TryFrom<u64> for Count<MIN, MAX> {
-    type Error = String;
-
-    fn try_from(n: u64) -> Result<Self, String> {
-        in_range::<MIN, MAX>(n, "").map(Count)
-    }
-}
-
-impl<const MIN: u64, const MAX: u64> Count<MIN, MAX> {
-    pub fn get(self) -> usize {
-        usize::try_from(self.0).unwrap_or(usize::MAX)
-    }
-}
-
-fn in_range<const MIN: u64, const MAX: u64>(n: u64, unit: &str) -> Result<u64, String> {
-    if (MIN..=MAX).contains(&n) {
-        Ok(n)
-    } else {
-        Err(format!(
-            "{n}{unit} is out of range: use {MIN}{unit} to {MAX}{unit}"
-        ))
-    }
-}
-
-/// Whole seconds in `MIN ..= MAX`, as config files give timeouts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "u64")]
-pub struct Seconds<const MIN: u64, const MAX: u64>(pub u64);
-
-impl<const MIN: u64, const MAX: u64> TryFrom<u64> for Seconds<MIN, MAX> {
-    type Error = String;
-
-    fn try_from(n: u64) -> Result<Self, String> {
-        in_range::<MIN, MAX>(n, " s").map(Seconds)
-    }
-}
-
-impl<const MIN: u64, const MAX: u64> Seconds<MIN, MAX> {
-    /// As a duration; `None` for 0 where 0 means "never".
-    pub fn or_never(self) -> Option<Duration> {
-        (self.0 > 0).then(|| Duration::from_secs(self.0))
-    }
-
-    pub fn duration(self) -> Duration {
-        Duration::from_secs(self.0)
-    }
-}
-
-/// `*` or one IP address.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum BindAddress {
-    #[default]
-    Any,
-    One(IpAddr),
-}
-
-impl<'de> Deserialize<'de> for BindAddress {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        match text.trim() {
-            "*" | "" => Ok(BindAddress::Any),
-            ip => ip.parse().map(BindAddress::One).map_err(|_| {
-                serde::de::Error::custom(format!("`{ip}` is neither `*` nor an IP address"))
-            }),
-        }
-    }
-}
-
 impl Default for Config {
     fn default() -> Config {
         Config {
@@ -230,62 +149,6 @@ impl AccountingSettings {
             ..Config::default().accounting()
         }
     }
-}
-
-/// A map capacity: 1 ..= 16,777,216.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "u64")]
-pub struct MaxSockets(pub u32);
-
-impl TryFrom<u64> for MaxSockets {
-    type Error = String;
-
-    fn try_from(n: u64) -> Result<MaxSockets, String> {
-        match u32::try_from(n) {
-            Ok(n @ 1..=16_777_216) => Ok(MaxSockets(n)),
-            _ => Err(format!("{n} is out of range: use 1 to 16777216")),
-        }
-    }
-}
-
-/// mihomo's log levels.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum LogLevel {
-    Debug,
-    #[default]
-    Info,
-    Warning,
-    Error,
-    Silent,
-}
-
-impl LogLevel {
-    /// The `tracing` filter directive for this level.
-    pub fn directive(self) -> &'static str {
-        match self {
-            LogLevel::Debug => "debug",
-            LogLevel::Info => "info",
-            LogLevel::Warning => "warn",
-            LogLevel::Error => "error",
-            LogLevel::Silent => "off",
-        }
-    }
-}
-
-/// `accounting: auto | ebpf | userspace`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AccountingMode {
-    /// eBPF when it can be used, else user space (saying why).
-    #[default]
-    Auto,
-    /// eBPF or fail.
-    Ebpf,
-    /// Count in the relay.
-    Userspace,
 }
 
 /// A config that could not be read or understood.
@@ -447,40 +310,6 @@ impl Config {
     }
 }
 
-/// The 1-based line where dotted `key` (`tproxy-firewall.fwmark`) is written: each segment is
-/// looked for among the lines indented deeper than its parent's.
-fn line_of(text: &str, key: &str) -> Option<usize> {
-    let lines: Vec<&str> = text.lines().collect();
-    let indent = |l: &str| l.len() - l.trim_start().len();
-    let (mut from, mut parent, mut found) = (0, None::<usize>, None);
-    for segment in key.split('.') {
-        let segment = segment.split('[').next().unwrap_or(segment);
-        let wanted = format!("{segment}:");
-        let mut hit = None;
-        for (i, l) in lines.iter().enumerate().skip(from) {
-            let t = l.trim_start().trim_start_matches("- ");
-            if t.is_empty() || t.starts_with('#') {
-                continue;
-            }
-            match parent {
-                None if indent(l) == 0 && t.starts_with(&wanted) => hit = Some(i),
-                None => {}
-                Some(p) if indent(l) <= p => break,
-                Some(_) if t.starts_with(&wanted) => hit = Some(i),
-                Some(_) => {}
-            }
-            if hit.is_some() {
-                break;
-            }
-        }
-        let i = hit?;
-        found = Some(i + 1);
-        parent = Some(indent(lines[i]));
-        from = i + 1;
-    }
-    found
-}
-
 /// serde_yaml appends " at line L column C"; the line is reported separately.
 fn strip_location(message: &str) -> String {
     match message.find(" at line ") {
@@ -493,146 +322,4 @@ fn strip_location(message: &str) -> String {
 fn unknown_field(message: &str) -> Option<&str> {
     let rest = message.split_once("unknown field `")?.1;
     Some(&rest[..rest.find('`')?])
-}
-
-impl fmt::Display for AccountingMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            AccountingMode::Auto => "auto",
-            AccountingMode::Ebpf => "ebpf",
-            AccountingMode::Userspace => "userspace",
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn invalid(text: &str) -> Error {
-        Config::parse(text, "test.yaml").expect_err("config should be rejected")
-    }
-
-    #[test]
-    fn empty_is_defaults() {
-        assert_eq!(Config::parse("", "x").ok(), Some(Config::default()));
-        assert_eq!(
-            Config::parse("# nothing\n\n", "x").ok(),
-            Some(Config::default())
-        );
-    }
-
-    #[test]
-    fn reads_known_keys() {
-        let c = Config::parse(
-            "log-level: debug\naccounting: userspace\naccounting-cgroup: /sys/fs/cgroup/x\n",
-            "x",
-        )
-        .expect("valid config");
-        assert_eq!(c.log_level, LogLevel::Debug);
-        assert_eq!(c.accounting, AccountingMode::Userspace);
-        assert_eq!(c.accounting_cgroup, Some(PathBuf::from("/sys/fs/cgroup/x")));
-        assert_eq!(c.accounting_max_sockets.0, tpacct_common::MAX_SOCKETS);
-        let c = Config::parse("accounting-max-sockets: 8\n", "x").expect("valid config");
-        assert_eq!(c.accounting().max_sockets, 8);
-    }
-
-    #[test]
-    fn map_capacity_must_be_in_range() {
-        for bad in ["0", "99999999999", "-1", "many"] {
-            let e = invalid(&format!("accounting-max-sockets: {bad}\n"));
-            assert_eq!(e.key(), Some("accounting-max-sockets"), "{bad}: {e}");
-        }
-    }
-
-    #[test]
-    fn unknown_key_is_named_with_its_line() {
-        let e = invalid("log-level: info\nbogus-key: 1\n");
-        assert_eq!(e.key(), Some("bogus-key"));
-        assert_eq!(e.line(), Some(2));
-        assert!(e.to_string().contains("bogus-key"), "{e}");
-    }
-
-    #[test]
-    fn bad_value_is_named_with_its_line() {
-        let e = invalid("log-level: info\naccounting: kernel\n");
-        assert_eq!(e.key(), Some("accounting"));
-        assert_eq!(e.line(), Some(2));
-        let e = invalid("log-level: loud\n");
-        assert_eq!(e.key(), Some("log-level"));
-        assert_eq!(e.line(), Some(1));
-    }
-
-    #[test]
-    fn reads_data_path_keys() {
-        let c = Config::parse(
-            "tproxy-port: 7894\nbind-address: '::1'\nrouting-mark: 6666\n\
-             interface-name: eth0\nudp-idle-timeout: 5\nclosed-connections: 10\n\
-             tproxy-firewall:\n  interfaces: [lan0]\n  bypass: [192.168.0.0/16]\n",
-            "x",
-        )
-        .expect("valid config");
-        assert_eq!(c.tproxy_port, 7894);
-        assert_eq!(c.bind_address, BindAddress::One("::1".parse().expect("ip")));
-        assert_eq!(c.routing_mark, 6666);
-        assert_eq!(c.interface_name.as_deref(), Some("eth0"));
-        assert_eq!(c.udp_idle_timeout, Seconds(5));
-        let fw = c.tproxy_firewall.expect("firewall");
-        assert_eq!(fw.interfaces, ["lan0"]);
-    }
-
-    #[test]
-    fn cross_key_rules_name_the_key() {
-        let e = invalid("routing-mark: 0\ntproxy-firewall:\n  local: true\n");
-        assert_eq!(e.key(), Some("tproxy-firewall.local"));
-        assert_eq!(e.line(), Some(3));
-        let e = invalid("bind-address: nowhere\n");
-        assert_eq!(e.key(), Some("bind-address"));
-    }
-
-    #[test]
-    fn every_number_has_a_range() {
-        for (text, key, line) in [
-            ("connect-timeout: 0\n", "connect-timeout", 1),
-            (
-                "log-level: info\nudp-idle-timeout: 0\n",
-                "udp-idle-timeout",
-                2,
-            ),
-            ("tcp-idle-timeout: 9999999\n", "tcp-idle-timeout", 1),
-            ("max-connections: 0\n", "max-connections", 1),
-            ("udp-max-sessions: 0\n", "udp-max-sessions", 1),
-            ("closed-connections: 0\n", "closed-connections", 1),
-            ("tproxy-port: 70000\n", "tproxy-port", 1),
-            ("routing-mark: -1\n", "routing-mark", 1),
-        ] {
-            let e = invalid(text);
-            assert_eq!(e.key(), Some(key), "{text}: {e}");
-            assert_eq!(e.line(), Some(line), "{text}: {e}");
-        }
-        assert!(
-            invalid("connect-timeout: 0\n")
-                .to_string()
-                .contains("1 s to 300 s")
-        );
-    }
-
-    #[test]
-    fn nested_keys_are_found_on_their_line() {
-        let text = "tproxy-firewall:\n  interfaces: [lan0]\n  # the mark\n  fwmark: 0\n";
-        let e = invalid(text);
-        assert_eq!(e.key(), Some("tproxy-firewall.fwmark"));
-        assert_eq!(e.line(), Some(4));
-        let e = invalid("routing-mark: 1\ntproxy-firewall:\n  table: 254\n");
-        assert_eq!(
-            (e.key(), e.line()),
-            (Some("tproxy-firewall.table"), Some(3))
-        );
-    }
-
-    #[test]
-    fn syntax_error_has_a_line() {
-        let e = invalid("log-level: info\n  accounting: [\n");
-        assert!(e.line().is_some(), "{e}");
-    }
 }

@@ -1,0 +1,132 @@
+//! Parsing tests: defaults, ranges, unknown keys, and every error naming its key and line.
+
+use std::path::PathBuf;
+
+use super::*;
+
+fn invalid(text: &str) -> Error {
+    Config::parse(text, "test.yaml").expect_err("config should be rejected")
+}
+
+#[test]
+fn empty_is_defaults() {
+    assert_eq!(Config::parse("", "x").ok(), Some(Config::default()));
+    assert_eq!(
+        Config::parse("# nothing\n\n", "x").ok(),
+        Some(Config::default())
+    );
+}
+
+#[test]
+fn reads_known_keys() {
+    let c = Config::parse(
+        "log-level: debug\naccounting: userspace\naccounting-cgroup: /sys/fs/cgroup/x\n",
+        "x",
+    )
+    .expect("valid config");
+    assert_eq!(c.log_level, LogLevel::Debug);
+    assert_eq!(c.accounting, AccountingMode::Userspace);
+    assert_eq!(c.accounting_cgroup, Some(PathBuf::from("/sys/fs/cgroup/x")));
+    assert_eq!(c.accounting_max_sockets.0, tpacct_common::MAX_SOCKETS);
+    let c = Config::parse("accounting-max-sockets: 8\n", "x").expect("valid config");
+    assert_eq!(c.accounting().max_sockets, 8);
+}
+
+#[test]
+fn map_capacity_must_be_in_range() {
+    for bad in ["0", "99999999999", "-1", "many"] {
+        let e = invalid(&format!("accounting-max-sockets: {bad}\n"));
+        assert_eq!(e.key(), Some("accounting-max-sockets"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn unknown_key_is_named_with_its_line() {
+    let e = invalid("log-level: info\nbogus-key: 1\n");
+    assert_eq!(e.key(), Some("bogus-key"));
+    assert_eq!(e.line(), Some(2));
+    assert!(e.to_string().contains("bogus-key"), "{e}");
+}
+
+#[test]
+fn bad_value_is_named_with_its_line() {
+    let e = invalid("log-level: info\naccounting: kernel\n");
+    assert_eq!(e.key(), Some("accounting"));
+    assert_eq!(e.line(), Some(2));
+    let e = invalid("log-level: loud\n");
+    assert_eq!(e.key(), Some("log-level"));
+    assert_eq!(e.line(), Some(1));
+}
+
+#[test]
+fn reads_data_path_keys() {
+    let c = Config::parse(
+        "tproxy-port: 7894\nbind-address: '::1'\nrouting-mark: 6666\n\
+         interface-name: eth0\nudp-idle-timeout: 5\nclosed-connections: 10\n\
+         tproxy-firewall:\n  interfaces: [lan0]\n  bypass: [192.168.0.0/16]\n",
+        "x",
+    )
+    .expect("valid config");
+    assert_eq!(c.tproxy_port, 7894);
+    assert_eq!(c.bind_address, BindAddress::One("::1".parse().expect("ip")));
+    assert_eq!(c.routing_mark, 6666);
+    assert_eq!(c.interface_name.as_deref(), Some("eth0"));
+    assert_eq!(c.udp_idle_timeout, Seconds(5));
+    let fw = c.tproxy_firewall.expect("firewall");
+    assert_eq!(fw.interfaces, ["lan0"]);
+}
+
+#[test]
+fn cross_key_rules_name_the_key() {
+    let e = invalid("routing-mark: 0\ntproxy-firewall:\n  local: true\n");
+    assert_eq!(e.key(), Some("tproxy-firewall.local"));
+    assert_eq!(e.line(), Some(3));
+    let e = invalid("bind-address: nowhere\n");
+    assert_eq!(e.key(), Some("bind-address"));
+}
+
+#[test]
+fn every_number_has_a_range() {
+    for (text, key, line) in [
+        ("connect-timeout: 0\n", "connect-timeout", 1),
+        (
+            "log-level: info\nudp-idle-timeout: 0\n",
+            "udp-idle-timeout",
+            2,
+        ),
+        ("tcp-idle-timeout: 9999999\n", "tcp-idle-timeout", 1),
+        ("max-connections: 0\n", "max-connections", 1),
+        ("udp-max-sessions: 0\n", "udp-max-sessions", 1),
+        ("closed-connections: 0\n", "closed-connections", 1),
+        ("tproxy-port: 70000\n", "tproxy-port", 1),
+        ("routing-mark: -1\n", "routing-mark", 1),
+    ] {
+        let e = invalid(text);
+        assert_eq!(e.key(), Some(key), "{text}: {e}");
+        assert_eq!(e.line(), Some(line), "{text}: {e}");
+    }
+    assert!(
+        invalid("connect-timeout: 0\n")
+            .to_string()
+            .contains("1 s to 300 s")
+    );
+}
+
+#[test]
+fn nested_keys_are_found_on_their_line() {
+    let text = "tproxy-firewall:\n  interfaces: [lan0]\n  # the mark\n  fwmark: 0\n";
+    let e = invalid(text);
+    assert_eq!(e.key(), Some("tproxy-firewall.fwmark"));
+    assert_eq!(e.line(), Some(4));
+    let e = invalid("routing-mark: 1\ntproxy-firewall:\n  table: 254\n");
+    assert_eq!(
+        (e.key(), e.line()),
+        (Some("tproxy-firewall.table"), Some(3))
+    );
+}
+
+#[test]
+fn syntax_error_has_a_line() {
+    let e = invalid("log-level: info\n  accounting: [\n");
+    assert!(e.line().is_some(), "{e}");
+}
