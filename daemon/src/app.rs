@@ -10,9 +10,11 @@ use crate::{
     accounting::Accounting,
     api,
     config::Config,
-    firewall, inbound,
+    firewall,
+    flow::pipeline::Pipeline,
+    inbound,
     registry::Registry,
-    route::{Router, Selection},
+    route::{Router, dnsmap::DnsMap},
     speed,
 };
 
@@ -32,6 +34,8 @@ pub enum Error {
     Api(#[from] api::Error),
     #[error(transparent)]
     State(#[from] crate::state::Error),
+    #[error("routing: {0}")]
+    Routing(#[from] crate::route::BuildError),
 }
 
 /// A group of tasks stopped together.
@@ -64,6 +68,7 @@ pub struct App {
     api: Option<SocketAddr>,
     firewall: Option<firewall::Installed>,
     restart: CancellationToken,
+    reloader: Arc<crate::reload::Reloader>,
 }
 
 /// Why the daemon stopped.
@@ -80,8 +85,11 @@ impl App {
     /// `ip`) run off the runtime's workers.
     pub async fn start(config: &Config) -> Result<App, Error> {
         let mut config = config.clone();
+        let dir = crate::state::dir(config.directory.as_deref());
+        for (key, why) in &config.ignored {
+            tracing::info!("config: `{key}` is a mihomo key tpacct does without ({why}); ignored");
+        }
         if !config.external_controller.is_empty() {
-            let dir = crate::state::dir(config.directory.as_deref());
             let secret = crate::state::secret(config.secret.as_deref(), &dir)?;
             match (&secret.generated_in, secret.value.is_empty()) {
                 (Some(file), _) => tracing::info!(
@@ -105,17 +113,26 @@ impl App {
         let registry = Arc::new(Registry::new(accounting, config.closed_connections.get()));
         let (rates, sampler) = speed::start(registry.clone(), flows.cancel.clone());
         flows.tracker.spawn(sampler);
-        let selection = Selection::new(config.mode);
-        let state = api::ApiState::new(registry.clone(), rates, config, selection.clone());
+        let routing = match crate::route::build(config, &dir).await {
+            Ok(r) => r,
+            Err(e) => {
+                core.cancel.cancel();
+                return Err(e.into());
+            }
+        };
+        let router = Router::new(config.mode, routing);
+        crate::route::refresh::spawn(router.clone(), config, &dir, &flows.cancel, &flows.tracker);
+        let pipeline = Arc::new(Pipeline {
+            registry: registry.clone(),
+            router: router.clone(),
+            dns: Arc::new(DnsMap::default()),
+            tcp_idle: config.tcp_idle_timeout.or_never(),
+        });
+        let state = api::ApiState::new(registry.clone(), rates, config, pipeline.clone(), dir);
         let restart = state.restart.clone();
+        let reloader = state.reloader.clone();
         let api = api::start(config, state, &flows.cancel, &flows.tracker)?;
-        let listening = inbound::start(
-            config,
-            registry.clone(),
-            Router::new(selection),
-            &flows.cancel,
-            &flows.tracker,
-        )?;
+        let listening = inbound::start(config, pipeline, &flows.cancel, &flows.tracker)?;
         let firewall = match config.tproxy_firewall.clone() {
             Some(fw) => {
                 let (port, mark, bind) =
@@ -143,6 +160,7 @@ impl App {
             api,
             firewall,
             restart,
+            reloader,
         })
     }
 
@@ -186,9 +204,19 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<Exit,
     let app = App::start(&config).await?;
     tracing::info!("ready");
     let restart = app.restart.clone();
-    let exit = tokio::select! {
-        () = stop => Exit::Stop,
-        () = restart.cancelled() => Exit::Restart,
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    tokio::pin!(stop);
+    let exit = loop {
+        tokio::select! {
+            () = &mut stop => break Exit::Stop,
+            () = restart.cancelled() => break Exit::Restart,
+            Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => {
+                tracing::info!("SIGHUP: reloading the config");
+                if let Err(e) = app.reloader.reload(crate::reload::Source::File(None)).await {
+                    tracing::error!("reload refused, the old config keeps running: {e}");
+                }
+            }
+        }
     };
     tracing::info!("stopping");
     app.shutdown().await;

@@ -3,146 +3,18 @@
 
 use std::{
     collections::VecDeque,
-    net::SocketAddr,
     sync::{
-        Arc, Mutex, OnceLock,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, SystemTime},
 };
 
 use dashmap::DashMap;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{
-    accounting::{Accounting, Counters, Tracked},
-    route::Route,
-};
-
-/// TCP or UDP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Network {
-    Tcp,
-    Udp,
-}
-
-impl Network {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Network::Tcp => "tcp",
-            Network::Udp => "udp",
-        }
-    }
-}
-
-/// Which socket the flow's counters come from, and which way its counters point.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Leg {
-    /// The accepted client socket: upload = its rx, download = its tx.
-    Client,
-    /// The socket towards the destination: upload = its tx, download = its rx.
-    Upstream,
-}
-
-/// What is known of a flow when it is registered.
-#[derive(Debug, Clone)]
-pub struct FlowMeta {
-    pub network: Network,
-    /// Inbound type as Clash shows it (`TProxy`).
-    pub inbound_type: &'static str,
-    /// Inbound name (`DEFAULT-TPROXY`).
-    pub inbound_name: String,
-    /// The client.
-    pub source: SocketAddr,
-    /// Where the client was going (TPROXY's original destination).
-    pub destination: SocketAddr,
-    /// The local address the client's packets reached.
-    pub inbound: SocketAddr,
-    pub route: Route,
-}
-
-/// A live flow.
-#[derive(Debug)]
-pub struct Flow {
-    pub id: Uuid,
-    pub meta: FlowMeta,
-    pub start: SystemTime,
-    /// Host from the TLS SNI or HTTP Host header, once sniffed.
-    sniffed: OnceLock<String>,
-    /// The address actually dialed.
-    dialed: OnceLock<SocketAddr>,
-    tracked: Tracked,
-    leg: Leg,
-    close: CancellationToken,
-}
-
-impl Flow {
-    pub fn sniffed_host(&self) -> Option<&str> {
-        self.sniffed.get().map(String::as_str)
-    }
-
-    pub fn set_sniffed_host(&self, host: String) {
-        let _ = self.sniffed.set(host);
-    }
-
-    pub fn dialed(&self) -> Option<SocketAddr> {
-        self.dialed.get().copied()
-    }
-
-    pub fn set_dialed(&self, addr: SocketAddr) {
-        let _ = self.dialed.set(addr);
-    }
-
-    /// Fires when the flow is closed on demand.
-    pub fn close_token(&self) -> &CancellationToken {
-        &self.close
-    }
-
-    /// Where the relay reports bytes (user-space accounting).
-    pub fn meter(&self) -> &crate::accounting::Meter {
-        self.tracked.meter()
-    }
-
-    fn orient(&self, c: Counters) -> Traffic {
-        match self.leg {
-            Leg::Client => Traffic {
-                upload: c.rx,
-                download: c.tx,
-            },
-            Leg::Upstream => Traffic {
-                upload: c.tx,
-                download: c.rx,
-            },
-        }
-    }
-}
-
-/// Payload bytes of a flow: upload = client → destination, download = destination → client.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Traffic {
-    pub upload: u64,
-    pub download: u64,
-}
-
-/// A live flow with its counters now.
-#[derive(Debug, Clone)]
-pub struct LiveFlow {
-    pub flow: Arc<Flow>,
-    pub traffic: Traffic,
-}
-
-/// A closed flow with its exact final totals.
-#[derive(Debug, Clone)]
-pub struct ClosedFlow {
-    pub id: Uuid,
-    pub meta: FlowMeta,
-    pub start: SystemTime,
-    pub closed_at: SystemTime,
-    pub sniffed_host: Option<String>,
-    pub dialed: Option<SocketAddr>,
-    pub traffic: Traffic,
-}
+use crate::accounting::{Accounting, Tracked};
+pub use crate::flow::{ClosedFlow, Flow, FlowMeta, Leg, LiveFlow, Network, Traffic};
 
 /// The registry.
 #[derive(Debug)]
@@ -185,16 +57,7 @@ impl Registry {
 
     /// Registers a flow (once: each call makes a new id).
     pub fn open(&self, meta: FlowMeta, tracked: Tracked, leg: Leg) -> Arc<Flow> {
-        let flow = Arc::new(Flow {
-            id: Uuid::new_v4(),
-            meta,
-            start: SystemTime::now(),
-            sniffed: OnceLock::new(),
-            dialed: OnceLock::new(),
-            tracked,
-            leg,
-            close: CancellationToken::new(),
-        });
+        let flow = Arc::new(Flow::new(meta, tracked, leg));
         self.live.insert(flow.id, flow.clone());
         self.opened.fetch_add(1, Ordering::Relaxed);
         *self.last_opened.lock().unwrap_or_else(|p| p.into_inner()) = Some(flow.start);
@@ -219,28 +82,31 @@ impl Registry {
     pub async fn finish(&self, flow: Arc<Flow>) {
         let totals = self.accounting.finish(&flow.tracked, self.grace).await;
         let traffic = flow.orient(totals);
+        let closed = flow.closed(traffic);
         tracing::info!(
-            "[{}] {} --> {}{} match {} using {} closed: up {} B, down {} B",
+            "[{}] {} --> {}{} match {}{} using {} closed: up {} B, down {} B",
             flow.meta.network.as_str().to_uppercase(),
             flow.meta.source,
-            flow.meta.destination,
-            flow.sniffed_host()
+            flow.meta.destination().map_or_else(
+                || format!(":{}", flow.meta.destination_port),
+                |d| d.to_string()
+            ),
+            closed
+                .host
+                .as_deref()
+                .or(closed.sniffed_host.as_deref())
                 .map(|h| format!(" ({h})"))
                 .unwrap_or_default(),
-            flow.meta.route.rule,
-            flow.meta.route.chains.join(" < "),
+            closed.route.rule,
+            if closed.route.payload.is_empty() {
+                String::new()
+            } else {
+                format!("({})", closed.route.payload)
+            },
+            closed.route.chains.join(" < "),
             traffic.upload,
             traffic.download,
         );
-        let closed = ClosedFlow {
-            id: flow.id,
-            meta: flow.meta.clone(),
-            start: flow.start,
-            closed_at: SystemTime::now(),
-            sniffed_host: flow.sniffed_host().map(str::to_owned),
-            dialed: flow.dialed(),
-            traffic,
-        };
         // One step: a reader sees the flow live or closed, never neither nor both.
         let _moving = self.moving.write().unwrap_or_else(|p| p.into_inner());
         {
@@ -261,7 +127,7 @@ impl Registry {
     pub fn close(&self, id: &Uuid) -> bool {
         match self.live.get(id) {
             Some(flow) => {
-                flow.close.cancel();
+                flow.close_token().cancel();
                 true
             }
             None => false,
@@ -271,7 +137,7 @@ impl Registry {
     /// Closes every live flow.
     pub fn close_all(&self) {
         for flow in self.live.iter() {
-            flow.close.cancel();
+            flow.close_token().cancel();
         }
     }
 

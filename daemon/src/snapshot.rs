@@ -7,6 +7,7 @@ use std::{net::SocketAddr, time::SystemTime};
 use serde::Serialize;
 
 use crate::{
+    flow::{DnsMode, RouteInfo},
     registry::{ClosedFlow, Flow, FlowMeta, Registry, Traffic},
     speed::Speeds,
 };
@@ -91,55 +92,66 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_nanos(t).to_string()
 }
 
-fn metadata(meta: &FlowMeta, host: Option<&str>, dialed: Option<SocketAddr>) -> Metadata {
-    let host = host.unwrap_or_default().to_owned();
+/// What a flow says of itself besides its metadata, live or closed.
+struct Seen<'a> {
+    host: Option<&'a str>,
+    dns_mode: DnsMode,
+    sniffed: Option<&'a str>,
+    route: Option<&'a RouteInfo>,
+    dialed: Option<SocketAddr>,
+}
+
+fn metadata(meta: &FlowMeta, seen: &Seen<'_>) -> Metadata {
     Metadata {
         network: meta.network.as_str(),
         kind: meta.inbound_type,
         source_ip: meta.source.ip().to_string(),
-        destination_ip: meta.destination.ip().to_string(),
+        destination_ip: meta
+            .destination_ip
+            .map(|ip| ip.to_string())
+            .unwrap_or_default(),
         source_geo_ip: Vec::new(),
         destination_geo_ip: Vec::new(),
         source_ip_asn: String::new(),
         destination_ip_asn: String::new(),
         source_port: meta.source.port().to_string(),
-        destination_port: meta.destination.port().to_string(),
+        destination_port: meta.destination_port.to_string(),
         inbound_ip: meta.inbound.ip().to_string(),
         inbound_port: meta.inbound.port().to_string(),
-        inbound_name: meta.inbound_name.clone(),
-        inbound_user: String::new(),
-        host: host.clone(),
-        dns_mode: "normal",
+        inbound_name: meta.inbound_name.to_owned(),
+        inbound_user: meta.inbound_user.clone().unwrap_or_default(),
+        host: seen.host.unwrap_or_default().to_owned(),
+        dns_mode: seen.dns_mode.as_str(),
         uid: 0,
         process: String::new(),
         process_path: String::new(),
         special_proxy: String::new(),
         special_rules: String::new(),
-        remote_destination: dialed.map(|a| a.ip().to_string()).unwrap_or_default(),
+        remote_destination: seen.dialed.map(|a| a.ip().to_string()).unwrap_or_default(),
         dscp: 0,
-        sniff_host: host,
+        sniff_host: seen.sniffed.unwrap_or_default().to_owned(),
     }
 }
 
 fn connection(
     id: uuid::Uuid,
     meta: &FlowMeta,
-    host: Option<&str>,
-    dialed: Option<SocketAddr>,
+    seen: &Seen<'_>,
     start: SystemTime,
     traffic: Traffic,
     speed: Traffic,
 ) -> Connection {
+    let route = seen.route.cloned().unwrap_or_default();
     Connection {
         id: id.to_string(),
-        metadata: metadata(meta, host, dialed),
+        metadata: metadata(meta, seen),
         upload: traffic.upload,
         download: traffic.download,
         start: rfc3339(start),
-        chains: meta.route.chains.clone(),
-        provider_chains: vec![String::new(); meta.route.chains.len()],
-        rule: meta.route.rule.clone(),
-        rule_payload: meta.route.payload.clone(),
+        provider_chains: vec![String::new(); route.chains.len()],
+        chains: route.chains,
+        rule: route.rule.to_owned(),
+        rule_payload: route.payload,
         upload_speed: speed.upload,
         download_speed: speed.download,
     }
@@ -147,15 +159,14 @@ fn connection(
 
 /// A live flow in Clash's shape.
 pub fn live(flow: &Flow, traffic: Traffic, speed: Traffic) -> Connection {
-    connection(
-        flow.id,
-        &flow.meta,
-        flow.sniffed_host(),
-        flow.dialed(),
-        flow.start,
-        traffic,
-        speed,
-    )
+    let seen = Seen {
+        host: flow.host(),
+        dns_mode: flow.dns_mode(),
+        sniffed: flow.sniffed_host(),
+        route: flow.route(),
+        dialed: flow.dialed(),
+    };
+    connection(flow.id, &flow.meta, &seen, flow.start, traffic, speed)
 }
 
 /// A closed flow in Clash's shape, with `closedAt`.
@@ -164,8 +175,13 @@ pub fn closed(flow: &ClosedFlow) -> Closed {
         connection: connection(
             flow.id,
             &flow.meta,
-            flow.sniffed_host.as_deref(),
-            flow.dialed,
+            &Seen {
+                host: flow.host.as_deref(),
+                dns_mode: flow.dns_mode,
+                sniffed: flow.sniffed_host.as_deref(),
+                route: Some(&flow.route),
+                dialed: flow.dialed,
+            },
             flow.start,
             flow.traffic,
             Traffic::default(),

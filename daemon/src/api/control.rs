@@ -11,15 +11,20 @@ use axum::{
 };
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiState, meta};
+use super::{ApiError, ApiState, proxies};
 
 fn not_implemented(message: &str) -> ApiError {
     ApiError(StatusCode::NOT_IMPLEMENTED, message.to_owned())
 }
 
-/// `POST /cache/fakeip/flush`, `POST /cache/dns/flush`: tpacct runs no resolver and keeps no
-/// fake-IP pool; nothing to flush.
+/// `POST /cache/fakeip/flush`: tpacct keeps no fake-IP pool; nothing to flush.
 pub(super) async fn flush() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
+/// `POST /cache/dns/flush`: forgets the names learned from relayed DNS answers.
+pub(super) async fn flush_dns(State(state): State<Arc<ApiState>>) -> StatusCode {
+    state.pipeline.dns.clear();
     StatusCode::NO_CONTENT
 }
 
@@ -53,7 +58,7 @@ pub(super) async fn unfix(
     State(state): State<Arc<ApiState>>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    meta::find(&state, &name)?;
+    proxies::find(&state, &name)?;
     Err(ApiError::bad_request(format!(
         "`{name}` has no fixed choice to clear (only url-test and fallback groups do)"
     )))

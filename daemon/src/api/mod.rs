@@ -3,11 +3,12 @@
 //! `{"message": ...}` with a 4xx/5xx status.
 
 mod auth;
+mod configs;
 mod connections;
 mod control;
 mod delay;
-mod meta;
 mod providers;
+mod proxies;
 mod server;
 mod streams;
 
@@ -24,7 +25,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::{config::Config, registry::Registry, route::Selection, speed::Rates};
+use crate::{
+    config::Config, flow::pipeline::Pipeline, registry::Registry, route::Routing, speed::Rates,
+};
 
 /// Errors starting the API.
 #[derive(Debug, thiserror::Error)]
@@ -42,18 +45,20 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     pub rates: Rates,
     pub config: Config,
-    /// The mode and GLOBAL's choice, shared with the router.
-    pub selection: Arc<Selection>,
-    /// Dials delay tests.
-    pub direct: crate::outbound::Direct,
-    /// Latest delay per proxy.
-    pub delays: delay::History,
+    /// The router (mode, routing in force) and the DNS map, shared with the flows.
+    pub pipeline: Arc<Pipeline>,
+    /// The state directory (reloads build providers there).
+    pub dir: std::path::PathBuf,
+    /// Delay results per outbound, shared with health checks.
+    pub delays: Arc<crate::outbound::health::History>,
     /// Open WebSockets (each holds a permit; they outlive their HTTP connection's slot).
     pub websockets: Arc<tokio::sync::Semaphore>,
     /// The cgroup's memory limit, read once at start (finding the cgroup may mount cgroup2).
     pub memory_limit: u64,
     /// Fired by `POST /restart`.
     pub restart: CancellationToken,
+    /// Swaps configs (`PUT /configs`).
+    pub reloader: Arc<crate::reload::Reloader>,
 }
 
 impl ApiState {
@@ -61,19 +66,34 @@ impl ApiState {
         registry: Arc<Registry>,
         rates: Rates,
         config: &Config,
-        selection: Arc<Selection>,
+        pipeline: Arc<Pipeline>,
+        dir: std::path::PathBuf,
     ) -> Arc<ApiState> {
+        let reloader = Arc::new(crate::reload::Reloader::new(
+            pipeline.clone(),
+            &dir,
+            config.source.clone(),
+            config.clone(),
+        ));
         Arc::new(ApiState {
             registry,
             rates,
             config: config.clone(),
-            selection,
-            direct: crate::outbound::Direct::new(config),
-            delays: delay::History::default(),
+            pipeline,
+            dir,
+            delays: Arc::default(),
             websockets: Arc::new(tokio::sync::Semaphore::new(MAX_WEBSOCKETS)),
             memory_limit: crate::speed::memory_limit(),
             restart: CancellationToken::new(),
+            reloader,
         })
+    }
+}
+
+impl ApiState {
+    /// The routing in force now.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.pipeline.router.routing()
     }
 }
 
@@ -107,8 +127,8 @@ impl IntoResponse for ApiError {
 /// The whole API.
 pub fn router(state: Arc<ApiState>) -> Router {
     let api = Router::new()
-        .route("/", get(meta::hello))
-        .route("/version", get(meta::version))
+        .route("/", get(configs::hello))
+        .route("/version", get(configs::version))
         .route(
             "/connections",
             get(connections::list).delete(connections::close_all),
@@ -118,17 +138,24 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/traffic", get(streams::traffic))
         .route("/memory", get(streams::memory))
         .route("/logs", get(streams::logs))
-        .route("/configs", get(meta::configs).patch(meta::patch_configs))
-        .route("/proxies", get(meta::proxies))
+        .route(
+            "/configs",
+            get(configs::configs)
+                .patch(configs::patch_configs)
+                .put(configs::reload),
+        )
+        .route("/proxies", get(proxies::proxies))
         .route(
             "/proxies/{name}",
-            get(meta::proxy).put(meta::select).delete(control::unfix),
+            get(proxies::proxy)
+                .put(proxies::select)
+                .delete(control::unfix),
         )
-        .route("/group", get(meta::groups))
+        .route("/group", get(proxies::groups))
         .route("/proxies/{name}/delay", get(delay::proxy))
-        .route("/group/{name}", get(meta::group))
+        .route("/group/{name}", get(proxies::group))
         .route("/group/{name}/delay", get(delay::group))
-        .route("/rules", get(meta::rules))
+        .route("/rules", get(proxies::rules))
         .route("/providers/proxies", get(providers::list))
         .route(
             "/providers/proxies/{provider}",
@@ -149,7 +176,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/providers/rules", get(providers::rules))
         .route("/providers/rules/{name}", put(providers::update_rules))
         .route("/cache/fakeip/flush", post(control::flush))
-        .route("/cache/dns/flush", post(control::flush))
+        .route("/cache/dns/flush", post(control::flush_dns))
         .route("/dns/query", get(control::dns_query))
         .route("/upgrade", post(control::upgrade))
         .route("/upgrade/ui", post(control::upgrade))

@@ -11,7 +11,9 @@ use axum::{
 };
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiState, delay, meta};
+use crate::outbound::{BUILTINS, GLOBAL};
+
+use super::{ApiError, ApiState, delay, proxies};
 
 /// The name mihomo gives the provider of every configured proxy.
 const DEFAULT: &str = "default";
@@ -27,16 +29,16 @@ fn not_found() -> ApiError {
 fn providers(state: &ApiState) -> Vec<(String, Vec<String>)> {
     let mut all = vec![(
         DEFAULT.to_owned(),
-        meta::proxy_names(state)
+        proxies::names(state)
             .into_iter()
-            .filter(|n| n != meta::GLOBAL_NAME)
+            .filter(|n| n != GLOBAL && !BUILTINS[2..].contains(&n.as_str()))
             .collect(),
     )];
-    for group in meta::group_names(state) {
-        if group == meta::GLOBAL_NAME {
+    for group in proxies::group_names(state) {
+        if group == GLOBAL {
             continue;
         }
-        if let Ok(members) = meta::members(state, &group) {
+        if let Ok(members) = proxies::members(state, &group) {
             all.push((group, members));
         }
     }
@@ -46,7 +48,7 @@ fn providers(state: &ApiState) -> Vec<(String, Vec<String>)> {
 fn provider_json(state: &ApiState, name: &str, members: &[String]) -> Value {
     let proxies: Vec<Value> = members
         .iter()
-        .filter_map(|m| meta::find(state, m).ok())
+        .filter_map(|m| proxies::find(state, m).ok())
         .collect();
     json!({
         "name": name, "type": "Proxy", "vehicleType": "Compatible", "proxies": proxies,
@@ -96,7 +98,7 @@ pub(super) async fn healthcheck(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let members = members_of(&state, &name)?;
-    delay::test_all(&state, &members, &delay::Test::default_check()).await;
+    delay::test_all(&state, &members, &Default::default()).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -107,7 +109,7 @@ pub(super) async fn proxy(
     if !members_of(&state, &provider)?.contains(&name) {
         return Err(not_found());
     }
-    meta::find(&state, &name).map(Json)
+    proxies::find(&state, &name).map(Json)
 }
 
 pub(super) async fn proxy_healthcheck(
@@ -121,10 +123,54 @@ pub(super) async fn proxy_healthcheck(
     delay::proxy(State(state), Path(name), query).await
 }
 
-pub(super) async fn rules() -> Json<Value> {
-    Json(json!({ "providers": {} }))
+pub(super) async fn rules(State(state): State<Arc<ApiState>>) -> Json<Value> {
+    let routing = state.routing();
+    let all: serde_json::Map<String, Value> = routing
+        .rule_providers
+        .iter()
+        .map(|p| (p.name.clone(), rule_provider_json(p)))
+        .collect();
+    Json(json!({ "providers": all }))
 }
 
-pub(super) async fn update_rules(Path(_name): Path<String>) -> ApiError {
-    not_found()
+fn rule_provider_json(p: &crate::route::providers::RuleProvider) -> Value {
+    use crate::config::{RuleFormat, Vehicle};
+    let format = match (p.config.vehicle, p.config.format) {
+        (Vehicle::Inline, _) => "",
+        (_, RuleFormat::Yaml) => "YamlRule",
+        (_, RuleFormat::Text) => "TextRule",
+        (_, RuleFormat::Mrs) => "MrsRule",
+    };
+    let updated = *p.updated.lock().unwrap_or_else(|e| e.into_inner());
+    let mut v = json!({
+        "behavior": p.config.behavior.clash_name(),
+        "format": format,
+        "name": p.name,
+        "ruleCount": p.count.load(std::sync::atomic::Ordering::Relaxed),
+        "type": "Rule",
+        "vehicleType": p.config.vehicle.clash_name(),
+        "updatedAt": crate::snapshot::rfc3339(updated),
+    });
+    if p.config.vehicle == Vehicle::Inline {
+        v["payload"] = json!(*p.entries.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+    v
+}
+
+/// `PUT /providers/rules/{name}`: fetches (http) or re-reads (file) the provider now.
+pub(super) async fn update_rules(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let routing = state.routing();
+    let provider = routing
+        .rule_providers
+        .iter()
+        .find(|p| p.name == name)
+        .ok_or_else(not_found)?;
+    provider
+        .refresh(&routing.outbounds, &routing.geo)
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(StatusCode::NO_CONTENT)
 }

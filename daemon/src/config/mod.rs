@@ -2,7 +2,9 @@
 //! keys and bad values are an [`Error`] naming the key and its line (the binary exits 64).
 
 mod firewall;
+mod ignored;
 mod lines;
+mod routing;
 mod sniffer;
 #[cfg(test)]
 mod tests;
@@ -10,10 +12,16 @@ mod types;
 
 use std::path::{Path, PathBuf};
 
+use indexmap::IndexMap;
+
 use serde::Deserialize;
 
 pub use firewall::FirewallConfig;
-pub use sniffer::{PortRange, SniffConfig};
+pub use routing::{
+    Behavior, GeoxUrl, GroupConfig, GroupKind, HealthCheckConfig, IpVersion, ProxyConfig,
+    ProxyKind, ProxyProviderConfig, RuleFormat, RuleProviderConfig, SubRules, Vehicle,
+};
+pub use sniffer::{Millis, PortRange, Protocol, SniffConfig, Sniffer, TcpSniff};
 pub use types::{AccountingMode, BindAddress, Count, LogLevel, MaxSockets, Mode, Seconds};
 
 use lines::line_of;
@@ -67,9 +75,35 @@ pub struct Config {
     pub external_controller_cors: Cors,
     /// mihomo's `mode`: `rule`, `global` or `direct`.
     pub mode: Mode,
+    /// mihomo's `proxies`.
+    pub proxies: Vec<ProxyConfig>,
+    /// mihomo's `proxy-groups`.
+    pub proxy_groups: Vec<GroupConfig>,
+    /// mihomo's `proxy-providers`.
+    pub proxy_providers: IndexMap<String, ProxyProviderConfig>,
+    /// mihomo's `rules`: `TYPE,PAYLOAD,TARGET[,OPTION…]`, first match wins.
+    pub rules: Vec<String>,
+    /// mihomo's `rule-providers`.
+    pub rule_providers: IndexMap<String, RuleProviderConfig>,
+    /// mihomo's `sub-rules`.
+    pub sub_rules: SubRules,
+    /// mihomo's `geox-url`.
+    pub geox_url: GeoxUrl,
+    /// mihomo's `geo-auto-update`.
+    pub geo_auto_update: bool,
+    /// mihomo's `geo-update-interval`, in hours.
+    pub geo_update_interval: Count<1, 8760>,
+    /// mihomo's `geodata-mode`: `true` reads GEOIP from `geoip.dat`, which tpacct does not.
+    pub geodata_mode: bool,
     /// The state directory (`tpacctd run -d DIR`; not a config key).
     #[serde(skip)]
     pub directory: Option<PathBuf>,
+    /// mihomo keys in the file that tpacct accepts and has no use for, with why.
+    #[serde(skip)]
+    pub ignored: Vec<(String, &'static str)>,
+    /// The file this config was read from (reloads read it again).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// `external-controller-cors:`.
@@ -108,13 +142,26 @@ impl Default for Config {
             udp_idle_timeout: Seconds(60),
             udp_max_sessions: Count(4096),
             closed_connections: Count(1000),
-            sniffer: SniffConfig::default(),
+            sniffer: SniffConfig::gateway(),
             tproxy_firewall: None,
             external_controller: "127.0.0.1:9090".to_owned(),
             secret: None,
             external_controller_cors: Cors::default(),
             mode: Mode::default(),
+            proxies: Vec::new(),
+            proxy_groups: Vec::new(),
+            proxy_providers: IndexMap::new(),
+            // Without `rules:`, everything goes DIRECT by the `Match` rule.
+            rules: vec!["MATCH,DIRECT".to_owned()],
+            rule_providers: IndexMap::new(),
+            sub_rules: SubRules::new(),
+            geox_url: GeoxUrl::default(),
+            geo_auto_update: false,
+            geo_update_interval: Count(24),
+            geodata_mode: false,
             directory: None,
+            ignored: Vec::new(),
+            source: None,
         }
     }
 }
@@ -207,7 +254,9 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Config::parse(&text, &path.display().to_string())
+        let mut config = Config::parse(&text, &path.display().to_string())?;
+        config.source = Some(path.to_owned());
+        Ok(config)
     }
 
     /// Parses YAML `text`; `file` names it in errors.
@@ -219,29 +268,36 @@ impl Config {
         }) {
             return Ok(Config::default());
         }
-        let de = serde_yaml_ng::Deserializer::from_str(text);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|err| {
+        let invalid = |key: Option<String>, line: Option<usize>, message: String| Error::Invalid {
+            file: file.to_owned(),
+            key,
+            line,
+            message,
+        };
+        let mut value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| {
+            invalid(
+                None,
+                e.location().map(|l| l.line()),
+                strip_location(&e.to_string()),
+            )
+        })?;
+        // YAML merge keys (`<<: *anchor`), common in mihomo configs.
+        value
+            .apply_merge()
+            .map_err(|e| invalid(None, None, e.to_string()))?;
+        let ignored = ignored::remove(&mut value);
+        let mut config: Config = serde_path_to_error::deserialize(value).map_err(|err| {
             let path = err.path().to_string();
-            let inner = err.into_inner();
-            let message = strip_location(&inner.to_string());
+            let message = strip_location(&err.into_inner().to_string());
             // The path names the offending key, unknown ones included; at the top level of a
             // malformed document it is "." and the message may still name a field.
             let key = (path != ".")
                 .then_some(path)
                 .or_else(|| unknown_field(&message).map(str::to_owned));
-            // A value's error carries the position of its mapping, not of the key: where the
-            // key is written, say that line.
-            let line = key
-                .as_deref()
-                .and_then(|k| line_of(text, k))
-                .or_else(|| inner.location().map(|l| l.line()));
-            Error::Invalid {
-                file: file.to_owned(),
-                key,
-                line,
-                message,
-            }
+            let line = key.as_deref().and_then(|k| line_of(text, k));
+            invalid(key, line, message)
         })?;
+        config.ignored = ignored;
         config.validate(text, file)?;
         Ok(config)
     }
@@ -292,6 +348,7 @@ impl Config {
                 ));
             }
         }
+        crate::route::check::check(self).map_err(|(key, message)| invalid(&key, message))?;
         if !self.external_controller.is_empty()
             && self
                 .external_controller

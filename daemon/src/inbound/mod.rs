@@ -4,6 +4,7 @@
 mod sys;
 mod tcp;
 mod udp;
+mod udp_session;
 
 use std::{
     io,
@@ -15,15 +16,15 @@ use std::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    config::{BindAddress, Config, SniffConfig},
-    outbound::Direct,
-    registry::Registry,
-    route::Router,
+    config::{BindAddress, Config},
+    flow::pipeline::Pipeline,
 };
 
 /// Inbound name and type as Clash clients show them.
 pub const TPROXY_TYPE: &str = "TProxy";
 pub const TPROXY_NAME: &str = "DEFAULT-TPROXY";
+/// The inbound type as IN-TYPE rules name it.
+pub const TPROXY_IN_TYPE: &str = "TPROXY";
 
 /// Errors starting the inbound.
 #[derive(Debug, thiserror::Error)]
@@ -41,11 +42,7 @@ pub enum Error {
 struct Shared {
     /// This host's address facing each client (cached routing lookups).
     facing: dashmap::DashMap<IpAddr, IpAddr>,
-    registry: Arc<Registry>,
-    direct: Direct,
-    router: Router,
-    sniff: SniffConfig,
-    tcp_idle: Option<Duration>,
+    pipeline: Arc<Pipeline>,
     udp_idle: Duration,
     udp_max_sessions: usize,
     port: u16,
@@ -90,8 +87,7 @@ fn route_source(peer: SocketAddr) -> Option<IpAddr> {
 /// addresses listened on (TCP and UDP share them).
 pub fn start(
     config: &Config,
-    registry: Arc<Registry>,
-    router: Router,
+    pipeline: Arc<Pipeline>,
     cancel: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<Vec<SocketAddr>, Error> {
@@ -109,11 +105,7 @@ pub fn start(
     };
     let shared = Arc::new(Shared {
         facing: dashmap::DashMap::new(),
-        registry,
-        direct: Direct::new(config),
-        router,
-        sniff: config.sniffer.clone(),
-        tcp_idle: config.tcp_idle_timeout.or_never(),
+        pipeline,
         udp_idle: config.udp_idle_timeout.duration(),
         udp_max_sessions: config.udp_max_sessions.get(),
         port,

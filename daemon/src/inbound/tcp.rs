@@ -1,11 +1,11 @@
-//! TPROXY TCP: the accept loop (connection limit, back-off when out of descriptors) and the
-//! per-connection handler (register, dial, sniff, relay, finish).
+//! TPROXY TCP: the accept loop (connection limit, back-off when out of descriptors); each
+//! connection is described and handed to the flow pipeline.
 
 use std::{
     io,
     net::{IpAddr, SocketAddr},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::{
@@ -14,18 +14,14 @@ use tokio::{
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{Shared, TPROXY_NAME, TPROXY_TYPE};
+use super::{Shared, TPROXY_IN_TYPE, TPROXY_NAME, TPROXY_TYPE};
 use crate::{
-    registry::{Flow, FlowMeta, Leg, Network},
+    flow::{FlowMeta, Network, pipeline::Transparent},
     relay,
-    route::Outbound,
-    sniff::{self, Sniffed},
 };
 
 /// Back-off after accept fails for want of descriptors.
 const FD_BACKOFF: Duration = Duration::from_millis(100);
-/// How long sniffing may wait for the rest of a split ClientHello or request head.
-const SNIFF_WAIT: Duration = Duration::from_millis(100);
 
 pub(super) async fn serve(
     listener: TcpListener,
@@ -84,94 +80,19 @@ async fn handle(client: TcpStream, source: SocketAddr, inbound: SocketAddr, shar
         relay::reset(&client);
         return;
     }
-    let accounting = shared.registry.accounting();
-    let tracked = match accounting.track(&client) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!("tproxy tcp: {source} → {destination}: {e}");
-            return;
-        }
-    };
     let meta = FlowMeta {
         network: Network::Tcp,
         inbound_type: TPROXY_TYPE,
-        inbound_name: TPROXY_NAME.to_owned(),
+        in_type: TPROXY_IN_TYPE,
+        inbound_name: TPROXY_NAME,
         source,
-        destination,
+        destination_ip: Some(destination.ip()),
+        destination_port: destination.port(),
+        host: None,
         inbound: shared.inbound_for(source, inbound),
-        route: shared.router.route(),
+        inbound_user: None,
     };
-    let reject = meta.route.outbound == Outbound::Reject;
-    let flow = shared.registry.open(meta, tracked, Leg::Client);
-    if reject {
-        relay::reset(&client);
-        drop(client);
-        shared.registry.finish(flow).await;
-        return;
-    }
-    let dialed = tokio::select! {
-        r = shared.direct.connect_tcp(destination) => Some(r),
-        () = flow.close_token().cancelled() => None,
-    };
-    match dialed {
-        Some(Ok(upstream)) => {
-            if let Ok(addr) = upstream.peer_addr() {
-                flow.set_dialed(addr);
-            }
-            let opts = relay::Options {
-                client_meter: flow.meter().clone(),
-                cancel: flow.close_token().clone(),
-                idle: shared.tcp_idle,
-                activity: || {
-                    let t = shared.registry.traffic(&flow);
-                    t.upload + t.download
-                },
-            };
-            let port = destination.port();
-            let (tls, http) = (shared.sniff.tls_on(port), shared.sniff.http_on(port));
-            let end = relay::tcp(
-                &client,
-                &upstream,
-                opts,
-                sniff_client(&client, &flow, tls, http),
-            )
-            .await;
-            tracing::debug!("{} {source} → {destination}: {end:?}", flow.id);
-        }
-        Some(Err(e)) => {
-            tracing::debug!("{} {source} → {destination}: {e}", flow.id);
-            relay::reset(&client);
-        }
-        None => {}
-    }
-    drop(client);
-    shared.registry.finish(flow).await;
-}
-
-/// Peeks at the client's first bytes (without consuming them) for a TLS SNI or HTTP Host.
-async fn sniff_client(client: &TcpStream, flow: &Flow, tls: bool, http: bool) {
-    if !tls && !http {
-        return;
-    }
-    let mut buf = vec![0u8; 8192];
-    let mut deadline = None;
-    loop {
-        let n = match client.peek(&mut buf).await {
-            Ok(n) if n > 0 => n,
-            _ => return,
-        };
-        match sniff::sniff(&buf[..n], tls, http) {
-            Sniffed::Host(host) => return flow.set_sniffed_host(host),
-            Sniffed::No => return,
-            Sniffed::Incomplete => {
-                let deadline = *deadline.get_or_insert_with(|| Instant::now() + SNIFF_WAIT);
-                if n == buf.len() || Instant::now() >= deadline {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    }
+    shared.pipeline.tcp(client, meta, (0, 0), Transparent).await;
 }
 
 /// A connection made to the proxy port of this host itself (not redirected): relaying it

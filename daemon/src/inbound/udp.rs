@@ -6,9 +6,7 @@
 //! room, a session that never got an answer goes first, then the one idle longest).
 
 use std::{
-    cell::RefCell,
     collections::HashMap,
-    io,
     net::SocketAddr,
     sync::{
         Arc, Mutex,
@@ -17,92 +15,58 @@ use std::{
     time::{Duration, Instant},
 };
 
-use socket2::SockRef;
 use tokio::net::UdpSocket;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{Shared, TPROXY_NAME, TPROXY_TYPE, sys};
-use crate::registry::{Flow, FlowMeta, Leg, Network};
+use super::{Shared, sys};
 
-type Key = (SocketAddr, SocketAddr);
+pub(super) type Key = (SocketAddr, SocketAddr);
 
-const MAX_DATAGRAM: usize = 65_536;
+pub(super) const MAX_DATAGRAM: usize = 65_536;
 /// Datagrams held for a session while it is set up; more are dropped.
 const QUEUE: usize = 16;
 /// At most one log line about evictions per this interval.
 const LOG_EVERY: Duration = Duration::from_secs(1);
 
-/// Runs `f` with this thread's datagram buffer: sessions share one per worker thread instead
-/// of holding 64 KiB each. Never held across an await.
-fn with_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
-    thread_local! {
-        static BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
-    }
-    BUF.with_borrow_mut(|b| f(b))
-}
-
-/// Sends without waiting: a UDP socket whose buffer is full drops the datagram, as the
-/// network would.
-fn send_now(socket: &UdpSocket, data: &[u8]) -> io::Result<usize> {
-    SockRef::from(socket).send(data)
-}
-
-/// A live session: the socket towards the destination and its flow.
 #[derive(Debug)]
-struct Session {
-    upstream: UdpSocket,
-    flow: Arc<Flow>,
-}
-
-impl Session {
-    /// Sends one client datagram towards the destination.
-    fn forward(&self, data: &[u8]) {
-        match send_now(&self.upstream, data) {
-            Ok(n) => self.flow.meter().add_tx(n as u64),
-            Err(e) => tracing::debug!("{} udp → {}: {e}", self.flow.id, self.flow.meta.destination),
-        }
-    }
-}
-
-#[derive(Debug)]
-enum State {
+pub(super) enum State {
     /// Being set up; datagrams that arrive meanwhile.
     Pending(Vec<Box<[u8]>>),
-    Ready(Arc<Session>),
+    Ready(Arc<super::udp_session::Session>),
 }
 
 #[derive(Debug)]
-struct Entry {
-    state: State,
+pub(super) struct Entry {
+    pub(super) state: State,
     /// Milliseconds since the table's epoch at the last datagram either way, and whether
     /// the destination ever answered.
-    last: Arc<Activity>,
+    pub(super) last: Arc<Activity>,
     /// Fired when the session is evicted.
-    evict: CancellationToken,
+    pub(super) evict: CancellationToken,
 }
 
 /// When a session last moved a datagram, and whether its destination ever answered.
 #[derive(Debug, Default)]
-struct Activity {
-    at: AtomicU64,
-    answered: std::sync::atomic::AtomicBool,
+pub(super) struct Activity {
+    pub(super) at: AtomicU64,
+    pub(super) answered: std::sync::atomic::AtomicBool,
 }
 
 /// The sessions of one listener.
 #[derive(Debug)]
-struct Table {
+pub(super) struct Table {
     map: Mutex<HashMap<Key, Entry>>,
     max: usize,
     epoch: Instant,
     evicted: AtomicU64,
     /// Sessions closed to make room whose sockets are not released yet; new sessions wait
     /// while there are [`Table::closing_max`] of them, so descriptors stay bounded.
-    closing: std::sync::atomic::AtomicUsize,
+    pub(super) closing: std::sync::atomic::AtomicUsize,
     last_log: Mutex<Option<Instant>>,
 }
 
 impl Table {
-    fn now(&self) -> u64 {
+    pub(super) fn now(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
 
@@ -110,7 +74,7 @@ impl Table {
         (self.max / 8).max(16)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -185,7 +149,7 @@ pub(super) async fn serve(
         if let Some(entry) = map.get_mut(&key) {
             entry.last.at.store(table.now(), Ordering::Relaxed);
             match &mut entry.state {
-                State::Ready(session) => session.forward(data),
+                State::Ready(session) => session.forward_from_listener(data),
                 State::Pending(queue) if queue.len() < QUEUE => queue.push(data.into()),
                 State::Pending(_) => {
                     tracing::debug!("tproxy udp: {source} → {destination}: queue full")
@@ -216,7 +180,7 @@ pub(super) async fn serve(
             },
         );
         drop(map);
-        tracker.spawn(session(
+        tracker.spawn(super::udp_session::session(
             key,
             inbound,
             shared.clone(),
@@ -225,170 +189,5 @@ pub(super) async fn serve(
             evict,
             cancel.clone(),
         ));
-    }
-}
-
-/// Sets up one session, then pumps it until it idles out, is closed or evicted.
-async fn session(
-    key: Key,
-    inbound: SocketAddr,
-    shared: Arc<Shared>,
-    table: Arc<Table>,
-    last: Arc<Activity>,
-    evict: CancellationToken,
-    cancel: CancellationToken,
-) {
-    let (session, reply) = match open(&shared, key, inbound).await {
-        Ok(opened) => opened,
-        Err(e) => {
-            tracing::debug!("tproxy udp: {} → {}: {e}", key.0, key.1);
-            if evict.is_cancelled() {
-                table.closing.fetch_sub(1, Ordering::Relaxed);
-            } else {
-                table.lock().remove(&key);
-            }
-            return;
-        }
-    };
-    // Ready: take what queued meanwhile (unless evicted while setting up).
-    let queued = {
-        let mut map = table.lock();
-        match map.get_mut(&key) {
-            Some(entry) if !evict.is_cancelled() => {
-                match std::mem::replace(&mut entry.state, State::Ready(session.clone())) {
-                    State::Pending(queue) => queue,
-                    State::Ready(_) => Vec::new(),
-                }
-            }
-            _ => Vec::new(),
-        }
-    };
-    for datagram in &queued {
-        session.forward(datagram);
-    }
-    run(&session, &reply, &table, &last, &evict, &shared, &cancel).await;
-    {
-        let mut map = table.lock();
-        // Only our own entry: an evicted key may already hold a new session.
-        if map
-            .get(&key)
-            .is_some_and(|e| matches!(&e.state, State::Ready(s) if Arc::ptr_eq(s, &session)))
-        {
-            map.remove(&key);
-        }
-    }
-    drop(reply);
-    let flow = session.flow.clone();
-    drop(session);
-    if evict.is_cancelled() {
-        table.closing.fetch_sub(1, Ordering::Relaxed);
-    }
-    shared.registry.finish(flow).await;
-}
-
-async fn open(
-    shared: &Shared,
-    (source, destination): Key,
-    inbound: SocketAddr,
-) -> io::Result<(Arc<Session>, UdpSocket)> {
-    let route = shared.router.route();
-    if route.outbound == crate::route::Outbound::Reject {
-        return Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            format!("rejected by {}", route.chains.join(" < ")),
-        ));
-    }
-    let upstream = shared
-        .direct
-        .connect_udp(destination)
-        .await
-        .map_err(io::Error::other)?;
-    let reply = sys::reply_socket(destination, source)?;
-    let tracked = shared
-        .registry
-        .accounting()
-        .track(&upstream)
-        .map_err(io::Error::other)?;
-    let meta = FlowMeta {
-        network: Network::Udp,
-        inbound_type: TPROXY_TYPE,
-        inbound_name: TPROXY_NAME.to_owned(),
-        source,
-        destination,
-        inbound: shared.inbound_for(source, inbound),
-        route,
-    };
-    let flow = shared.registry.open(meta, tracked, Leg::Upstream);
-    flow.set_dialed(destination);
-    Ok((Arc::new(Session { upstream, flow }), reply))
-}
-
-/// Moves every datagram waiting on `from` to `to`, reporting each received and each sent;
-/// false if `from` failed for good.
-fn drain(from: &UdpSocket, to: &UdpSocket, received: impl Fn(usize), sent: impl Fn(usize)) -> bool {
-    with_buffer(|buf| {
-        loop {
-            match from.try_recv(buf) {
-                Ok(n) => {
-                    received(n);
-                    if let Ok(m) = send_now(to, &buf[..n]) {
-                        sent(m);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                // An ICMP error for an earlier datagram (port unreachable, say).
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-                Err(e) => {
-                    tracing::debug!("udp: {e}");
-                    return false;
-                }
-            }
-        }
-    })
-}
-
-/// Pumps replies to the client (and the client's later datagrams, which reach the reply
-/// socket once it exists) until the session idles out, is closed or evicted.
-async fn run(
-    session: &Session,
-    reply: &UdpSocket,
-    table: &Table,
-    last: &Activity,
-    evict: &CancellationToken,
-    shared: &Shared,
-    cancel: &CancellationToken,
-) {
-    let flow = &session.flow;
-    let idle_ms = shared.udp_idle.as_millis() as u64;
-    let touch = || last.at.store(table.now(), Ordering::Relaxed);
-    loop {
-        let quiet_until = last.at.load(Ordering::Relaxed) + idle_ms;
-        let now = table.now();
-        if now >= quiet_until {
-            return;
-        }
-        let deadline = tokio::time::sleep(Duration::from_millis(quiet_until - now));
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = flow.close_token().cancelled() => return,
-            () = evict.cancelled() => return,
-            () = deadline => {}
-            r = session.upstream.readable() => {
-                let received = |n: usize| {
-                    flow.meter().add_rx(n as u64);
-                    last.answered.store(true, Ordering::Relaxed);
-                    touch();
-                };
-                if r.is_err() || !drain(&session.upstream, reply, received, |_| {}) {
-                    return;
-                }
-            }
-            r = reply.readable() => {
-                let sent = |n: usize| flow.meter().add_tx(n as u64);
-                if r.is_err() || !drain(reply, &session.upstream, |_| touch(), sent) {
-                    return;
-                }
-            }
-        }
     }
 }

@@ -2,9 +2,12 @@
 //! a reset answered with a reset, close on demand, idle timeout. Knows nothing of Clash: it
 //! reports moved bytes to a [`Meter`] (a no-op under eBPF accounting) and nothing else.
 
+mod copy;
 mod splice;
 
-use std::{future::Future, io, time::Duration};
+pub use copy::copy;
+
+use std::{io, time::Duration};
 
 use socket2::SockRef;
 use tokio::{io::Interest, net::TcpStream};
@@ -48,22 +51,16 @@ enum PumpError {
     Write(io::Error),
 }
 
-/// Relays between `client` and `upstream` until both directions end, either side fails, the
-/// idle timeout passes, or `opts.cancel` fires. The upload direction starts once
-/// `before_upload` resolves (sniffing peeks there); the download direction starts at once,
-/// so a server that speaks first is never held back. The caller drops the sockets afterwards
-/// (a side marked by [`reset`] then sends its reset).
+/// Relays between `client` and `upstream` with splice until both directions end, either side
+/// fails, the idle timeout passes, or `opts.cancel` fires. The caller drops the sockets
+/// afterwards (a side marked by [`reset`] then sends its reset).
 pub async fn tcp<A: Fn() -> u64>(
     client: &TcpStream,
     upstream: &TcpStream,
     opts: Options<A>,
-    before_upload: impl Future<Output = ()>,
 ) -> End {
     let no_meter = Meter::default();
-    let up = async {
-        before_upload.await;
-        pump(client, upstream, &opts.client_meter, &no_meter).await
-    };
+    let up = pump(client, upstream, &opts.client_meter, &no_meter);
     let down = pump(upstream, client, &no_meter, &opts.client_meter);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
@@ -112,7 +109,7 @@ fn failed(end: End, e: &io::Error, other: &TcpStream) -> End {
 }
 
 /// Resolves once `activity` has not changed for `idle`; never without a timeout.
-async fn idle_watch(idle: Option<Duration>, activity: &impl Fn() -> u64) {
+pub(crate) async fn idle_watch(idle: Option<Duration>, activity: &impl Fn() -> u64) {
     let Some(idle) = idle else {
         return std::future::pending().await;
     };

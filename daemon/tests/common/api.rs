@@ -16,11 +16,10 @@ use tower::ServiceExt;
 use tpacct::{
     accounting::Accounting,
     api::{ApiState, router},
-    config::Mode,
     config::{AccountingMode, AccountingSettings, Config},
+    flow::{RouteInfo, pipeline::Pipeline},
     registry::{FlowMeta, Leg, Network, Registry},
-    route::{Router as Routes, Selection},
-    speed,
+    route, speed,
 };
 
 pub struct Api {
@@ -31,7 +30,17 @@ pub struct Api {
     pub sockets: Vec<tokio::net::TcpStream>,
 }
 
-pub async fn api(secret: &str) -> Api {
+/// A fresh state directory for one test's daemon parts.
+pub fn state_dir(tag: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("tpacct-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// The controller over user-space accounting, with `config`'s routing.
+pub async fn api_with(config: Config) -> Api {
     let accounting = Accounting::start(
         &AccountingSettings::with_mode(AccountingMode::Userspace),
         &CancellationToken::new(),
@@ -39,23 +48,33 @@ pub async fn api(secret: &str) -> Api {
     )
     .expect("userspace accounting");
     let registry = Arc::new(Registry::new(accounting, 10));
-    let (rates, _sampler) = speed::start(registry.clone(), CancellationToken::new());
-    let config = Config {
-        secret: Some(secret.to_owned()),
-        ..Config::default()
-    };
-    let state = ApiState::new(
-        registry.clone(),
-        rates,
-        &config,
-        Selection::new(config.mode),
-    );
+    let (rates, sampler) = speed::start(registry.clone(), CancellationToken::new());
+    // Runs as long as the test's runtime: `/traffic` follows it.
+    tokio::spawn(sampler);
+    let dir = state_dir("api");
+    let routing = route::build(&config, &dir).await.expect("routing");
+    let pipeline = Arc::new(Pipeline {
+        registry: registry.clone(),
+        router: route::Router::new(config.mode, routing),
+        dns: Arc::default(),
+        tcp_idle: None,
+    });
+    let state = ApiState::new(registry.clone(), rates, &config, pipeline, dir);
     Api {
         router: router(state.clone()),
         registry,
         state,
         sockets: Vec::new(),
     }
+}
+
+/// The controller with the built-in routing and `secret`.
+pub async fn api(secret: &str) -> Api {
+    api_with(Config {
+        secret: Some(secret.to_owned()),
+        ..Config::default()
+    })
+    .await
 }
 
 /// Registers one TCP flow over a real loopback socket pair, with 1234 B up and 5678 B down.
@@ -74,15 +93,23 @@ pub async fn with_flow(api: &mut Api) -> uuid::Uuid {
         FlowMeta {
             network: Network::Tcp,
             inbound_type: "TProxy",
-            inbound_name: "DEFAULT-TPROXY".into(),
+            in_type: "TPROXY",
+            inbound_name: "DEFAULT-TPROXY",
             source,
-            destination,
+            destination_ip: Some(destination.ip()),
+            destination_port: destination.port(),
+            host: None,
             inbound: "10.0.0.1:7893".parse().expect("addr"),
-            route: Routes::new(Selection::new(Mode::Rule)).route(),
+            inbound_user: None,
         },
         tracked,
         Leg::Client,
     );
+    flow.set_route(RouteInfo {
+        rule: "Match",
+        payload: String::new(),
+        chains: vec!["DIRECT".into()],
+    });
     flow.set_sniffed_host("example.com".into());
     flow.set_dialed(destination);
     api.sockets.extend([client, server]);

@@ -118,6 +118,7 @@ pub fn gateway_config(mode: AccountingMode, cgroup: std::path::PathBuf) -> Confi
         udp_idle_timeout: Seconds(2),
         // The API tests speak without auth; the generated secret is tested with the binary.
         secret: Some(String::new()),
+        directory: Some(super::api::state_dir("gw")),
         tproxy_firewall: Some(FirewallConfig {
             interfaces: vec!["g1".into()],
             ..FirewallConfig::default()

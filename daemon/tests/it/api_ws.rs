@@ -12,35 +12,21 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tpacct::{
-    accounting::Accounting,
-    api::{self, ApiState},
-    config::{AccountingMode, AccountingSettings, Config, LogLevel},
-    registry::Registry,
-    route::Selection,
-    speed,
+    api,
+    config::{Config, LogLevel},
 };
 
 /// The API on a loopback port of this process (user-space accounting, no flows).
 async fn serve(secret: &str) -> (SocketAddr, CancellationToken) {
     tpacct::logging::init(LogLevel::Info);
     let cancel = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let accounting = Accounting::start(
-        &AccountingSettings::with_mode(AccountingMode::Userspace),
-        &cancel,
-        &tracker,
-    )
-    .expect("accounting");
-    let registry = std::sync::Arc::new(Registry::new(accounting, 10));
-    let (rates, sampler) = speed::start(registry.clone(), cancel.clone());
-    tokio::spawn(sampler);
     let config = Config {
         external_controller: "127.0.0.1:0".into(),
         secret: Some(secret.into()),
         ..Config::default()
     };
-    let state = ApiState::new(registry, rates, &config, Selection::new(config.mode));
-    let addr = api::start(&config, state, &cancel, &tracker)
+    let api = crate::common::api::api_with(config.clone()).await;
+    let addr = api::start(&config, api.state.clone(), &cancel, &TaskTracker::new())
         .expect("start the API")
         .expect("listening");
     (addr, cancel)

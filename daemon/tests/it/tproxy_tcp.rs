@@ -57,9 +57,9 @@ pub(crate) fn exchange(
             download: down
         }
     );
-    assert_eq!(closed.meta.destination, target);
-    assert_eq!(closed.meta.route.rule, "Match");
-    assert_eq!(closed.meta.route.chains, ["DIRECT"]);
+    assert_eq!(closed.meta.destination(), Some(target));
+    assert_eq!(closed.route.rule, "Match");
+    assert_eq!(closed.route.chains, ["DIRECT"]);
     assert_eq!(closed.dialed, Some(target));
     assert_eq!(
         closed.meta.source.ip().to_string(),
@@ -237,10 +237,11 @@ fn unreachable_upstreams_reset_the_client_promptly() {
         |_| {},
         |topo, gw| {
             let fds = crate::common::open_fds();
-            // A closed port (the server answers with a reset) and an address with no route.
+            // A closed port (the server answers with a reset) and an address with no route,
+            // on ports no sniffer waits on (the client sends nothing).
             for (target, what) in [
                 (socket(SERVER4, 9), "refused"),
-                (socket("10.91.3.3", 80), "unroutable"),
+                (socket("10.91.3.3", 81), "unroutable"),
             ] {
                 let elapsed = Topology::run_in(&topo.client, move || {
                     let mut conn = TcpStream::connect(target).expect("tproxy accepts");

@@ -68,7 +68,7 @@ pub(crate) fn request_response(
     let live = gw.registry.live();
     assert_eq!(live.len(), 1, "one session for the whole conversation");
     assert_eq!(live[0].flow.meta.network, Network::Udp);
-    assert_eq!(live[0].flow.meta.destination, server_addr);
+    assert_eq!(live[0].flow.meta.destination(), Some(server_addr));
     assert_eq!(
         live[0].traffic,
         Traffic {
@@ -93,7 +93,7 @@ pub(crate) fn request_response(
             download: down as u64
         }
     );
-    assert_eq!(closed.meta.route.chains, ["DIRECT"]);
+    assert_eq!(closed.route.chains, ["DIRECT"]);
 }
 
 fn request_response_ebpf() {

@@ -1,0 +1,353 @@
+//! The one owner of a TCP flow: track → register → name (DNS mapping, sniffing) → route → dial
+//! → answer the client (proxy inbounds) → relay → finish. Inbounds only accept and describe;
+//! everything after is here, the same for every inbound. A [`Finisher`] guard finishes the
+//! flow exactly once, also when the task returns early or panics.
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::net::TcpStream;
+
+use super::{DnsMode, Flow, FlowMeta, Leg, RouteInfo};
+use crate::{
+    config::TcpSniff,
+    outbound::{self, Kind, Target, Upstream},
+    registry::Registry,
+    relay,
+    route::{Net, Query, Route, Router, Routing, dnsmap::DnsMap, sets::DomainPattern},
+    sniff::{self, Sniffed},
+};
+
+/// How long REJECT-DROP holds a connection before closing it.
+const DROP_HOLD: Duration = Duration::from_secs(30);
+
+/// Finishes its flow when dropped (spawning the wait for the final totals).
+#[derive(Debug)]
+pub struct Finisher {
+    flow: Option<Arc<Flow>>,
+    registry: Arc<Registry>,
+}
+
+impl Finisher {
+    pub fn new(flow: Arc<Flow>, registry: Arc<Registry>) -> Finisher {
+        Finisher {
+            flow: Some(flow),
+            registry,
+        }
+    }
+
+    /// Finishes now (the sockets must be closed already).
+    pub async fn finish(mut self) {
+        if let Some(flow) = self.flow.take() {
+            self.registry.finish(flow).await;
+        }
+    }
+}
+
+impl Drop for Finisher {
+    fn drop(&mut self) {
+        if let Some(flow) = self.flow.take() {
+            let registry = self.registry.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { registry.finish(flow).await });
+            }
+        }
+    }
+}
+
+/// The part of a proxy protocol's handshake that follows routing: telling the client whether
+/// its tunnel is open. TPROXY has none.
+pub trait Answer: Send {
+    /// Whether the client waits for the answer before sending anything (then sniffing, which
+    /// needs the client's first bytes, must answer first).
+    fn waits(&self) -> bool;
+
+    /// Tells the client the outcome; returns the bytes written (handshake, not payload).
+    fn answer(
+        &mut self,
+        client: &mut TcpStream,
+        outcome: Result<(), &outbound::Error>,
+    ) -> impl Future<Output = io::Result<u64>> + Send;
+}
+
+/// TPROXY: the client never knew there was a proxy.
+#[derive(Debug)]
+pub struct Transparent;
+
+impl Answer for Transparent {
+    fn waits(&self) -> bool {
+        false
+    }
+
+    async fn answer(
+        &mut self,
+        _: &mut TcpStream,
+        _: Result<(), &outbound::Error>,
+    ) -> io::Result<u64> {
+        Ok(0)
+    }
+}
+
+/// What every flow needs from the daemon.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub registry: Arc<Registry>,
+    pub router: Arc<Router>,
+    pub dns: Arc<DnsMap>,
+    pub tcp_idle: Option<Duration>,
+}
+
+impl Pipeline {
+    /// Runs one TCP flow from an accepted `client` to its end. `handshake` is what the inbound
+    /// already read and wrote on the socket (not payload).
+    pub async fn tcp<A: Answer>(
+        self: &Arc<Self>,
+        mut client: TcpStream,
+        meta: FlowMeta,
+        handshake: (u64, u64),
+        mut answer: A,
+    ) {
+        let tracked = match self.registry.accounting().track(&client) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!("{} → {:?}: {e}", meta.source, meta.destination());
+                return;
+            }
+        };
+        let flow = self.registry.open(meta, tracked, Leg::Client);
+        flow.adjust.skip(handshake.0, handshake.1);
+        let finisher = Finisher::new(flow.clone(), self.registry.clone());
+        let routing = self.router.routing();
+        let sniffing = self.sniffing(&flow, &routing);
+        let mut answered = false;
+        if sniffing.is_some() && answer.waits() {
+            // The client sends nothing before it hears back: answer first, as mihomo does.
+            match answer.answer(&mut client, Ok(())).await {
+                Ok(n) => flow.adjust.skip(0, n),
+                Err(_) => return finisher.finish().await,
+            }
+            answered = true;
+        }
+        let sniffed = match sniffing {
+            Some(s) => sniff_client(&client, &flow, s).await,
+            None => None,
+        };
+        self.name(
+            &flow,
+            sniffed
+                .as_ref()
+                .filter(|(_, over)| *over)
+                .map(|(h, _)| h.clone()),
+        );
+        if let Some((host, _)) = sniffed {
+            flow.set_sniffed_host(host);
+        }
+        let (route, routing) = self.router.route(&query(&flow, Net::Tcp));
+        flow.set_route(RouteInfo {
+            rule: route.rule,
+            payload: route.payload.clone(),
+            chains: route.chains.clone(),
+        });
+        let target = target(&flow, &routing);
+        self.connect(client, &flow, &route, &routing, target, answer, answered)
+            .await;
+        finisher.finish().await;
+    }
+
+    /// Dials and relays; every socket is closed when this returns.
+    #[allow(clippy::too_many_arguments)]
+    async fn connect<A: Answer>(
+        &self,
+        mut client: TcpStream,
+        flow: &Flow,
+        route: &Route,
+        routing: &Routing,
+        target: Option<Target>,
+        mut answer: A,
+        answered: bool,
+    ) {
+        let leaf = &route.leaf;
+        let refused = |e: outbound::Error| e;
+        let dialed = match (&leaf.kind, target) {
+            (Kind::RejectDrop, _) => {
+                // Hold silently until the client gives up, the flow is closed, or time passes.
+                let mut byte = [0u8; 1];
+                tokio::select! {
+                    _ = client.peek(&mut byte) => {}
+                    () = flow.close_token().cancelled() => {}
+                    () = tokio::time::sleep(DROP_HOLD) => {}
+                }
+                return;
+            }
+            (_, None) => Err(refused(outbound::Error::Resolve(
+                "the flow".into(),
+                io::Error::new(io::ErrorKind::InvalidInput, "no destination"),
+            ))),
+            (_, Some(target)) => tokio::select! {
+                r = routing.outbounds.dial_tcp(leaf, &target) => r,
+                () = flow.close_token().cancelled() => {
+                    relay::reset(&client);
+                    return;
+                }
+            },
+        };
+        let upstream = match dialed {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!("{} {} → {}: {e}", flow.id, flow.meta.source, chain(route));
+                if !answered && let Ok(n) = answer.answer(&mut client, Err(&e)).await {
+                    flow.adjust.skip(0, n);
+                }
+                relay::reset(&client);
+                return;
+            }
+        };
+        if let Some(addr) = upstream.peer_addr() {
+            flow.set_dialed(addr);
+        }
+        if !answered {
+            match answer.answer(&mut client, Ok(())).await {
+                Ok(n) => flow.adjust.skip(0, n),
+                Err(_) => return,
+            }
+        }
+        let opts = relay::Options {
+            client_meter: flow.meter().clone(),
+            cancel: flow.close_token().clone(),
+            idle: self.tcp_idle,
+            activity: || {
+                let t = self.registry.traffic(flow);
+                t.upload + t.download
+            },
+        };
+        let end = match upstream {
+            Upstream::Tcp(up) => relay::tcp(&client, &up, opts).await,
+            Upstream::Boxed(mut up) => relay::copy(&mut client, &mut up, opts).await,
+        };
+        tracing::debug!(
+            "{} {} → {}: {end:?}",
+            flow.id,
+            flow.meta.source,
+            chain(route)
+        );
+    }
+
+    /// Which sniffers look at this flow (mihomo's rules for when to sniff).
+    fn sniffing(&self, flow: &Flow, routing: &Routing) -> Option<TcpSniff> {
+        let sniffer = &routing.sniffer;
+        let s = sniffer.tcp_sniffers(flow.meta.destination_port)?;
+        let ip_in =
+            |nets: &[ipnet::IpNet], ip: std::net::IpAddr| nets.iter().any(|n| n.contains(&ip));
+        if flow
+            .meta
+            .destination_ip
+            .is_some_and(|ip| ip_in(&sniffer.skip_dst_address, ip))
+            || ip_in(&sniffer.skip_src_address, flow.meta.source.ip())
+        {
+            return None;
+        }
+        let mapped = flow
+            .meta
+            .destination_ip
+            .is_some_and(|ip| self.dns.name(ip).is_some());
+        let forced = flow
+            .meta
+            .host
+            .as_deref()
+            .is_some_and(|h| domain_in(&sniffer.force_domain, h));
+        let wanted = (flow.meta.host.is_none() && !mapped && sniffer.parse_pure_ip)
+            || (mapped && sniffer.force_dns_mapping)
+            || forced;
+        wanted.then_some(s)
+    }
+
+    /// Sets the flow's host: the sniffed name when it overrides, else a name the DNS answers
+    /// gave for the destination (`dnsMode: mapping`), else the client's own.
+    fn name(&self, flow: &Flow, overriding: Option<String>) {
+        if let Some(h) = overriding {
+            flow.set_host(h, DnsMode::Normal);
+        } else if flow.host().is_none()
+            && let Some(ip) = flow.meta.destination_ip
+            && let Some(name) = self.dns.name(ip)
+        {
+            flow.set_host(name, DnsMode::Mapping);
+        }
+    }
+}
+
+fn chain(route: &Route) -> String {
+    route.chains.join(" < ")
+}
+
+/// Whether `host` matches one of mihomo's domain patterns in `patterns`.
+fn domain_in(patterns: &[String], host: &str) -> bool {
+    let mut b = crate::route::sets::DomainSetBuilder::default();
+    patterns
+        .iter()
+        .filter_map(|p| DomainPattern::from_entry(p))
+        .for_each(|p| b.add(p, 0));
+    b.build().is_ok_and(|s| s.first(host).is_some())
+}
+
+/// The query rules see for `flow`.
+pub fn query(flow: &Flow, network: Net) -> Query<'_> {
+    Query {
+        network,
+        source: flow.meta.source,
+        destination: flow.meta.destination_ip,
+        destination_port: flow.meta.destination_port,
+        host: flow.rule_host(),
+        in_port: flow.meta.inbound.port(),
+        in_type: flow.meta.in_type,
+        in_name: flow.meta.inbound_name,
+        in_user: flow.meta.inbound_user.as_deref(),
+        uid: None,
+        process: None,
+        process_path: None,
+    }
+}
+
+/// What to dial: the host when the flow has one that is not merely mapped (a proxy client's
+/// name, or a sniffed name that overrides), else the original address.
+fn target(flow: &Flow, _routing: &Routing) -> Option<Target> {
+    let port = flow.meta.destination_port;
+    match (flow.host(), flow.dns_mode(), flow.meta.destination_ip) {
+        (Some(h), DnsMode::Normal, _) => Some(Target::Host(h.to_owned(), port)),
+        (_, _, Some(ip)) => Some(Target::Ip(SocketAddr::new(ip, port))),
+        (Some(h), DnsMode::Mapping, None) => Some(Target::Host(h.to_owned(), port)),
+        (None, _, None) => None,
+    }
+}
+
+/// Peeks at the client's first bytes (without consuming them) for a TLS SNI or HTTP Host, for
+/// at most `s.timeout`; the name and whether it overrides the destination.
+async fn sniff_client(client: &TcpStream, flow: &Flow, s: TcpSniff) -> Option<(String, bool)> {
+    let deadline = Instant::now() + s.timeout;
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let peeked = tokio::select! {
+            r = tokio::time::timeout_at(deadline.into(), client.peek(&mut buf)) => r,
+            () = flow.close_token().cancelled() => return None,
+        };
+        let n = match peeked {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return None,
+        };
+        match sniff::sniff(&buf[..n], s.tls, s.http) {
+            Sniffed::Host(host) => return Some((host, s.override_destination)),
+            Sniffed::No => return None,
+            Sniffed::Incomplete => {
+                if n == buf.len() || Instant::now() >= deadline {
+                    return None;
+                }
+                // More of a split ClientHello or request head is on its way.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    }
+}
