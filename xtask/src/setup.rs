@@ -17,7 +17,13 @@ const PACKAGES: &[&str] = &[
     "openssl",
     "curl",
     "haproxy",
+    // Real upstream proxies for the routing tests.
+    "dante-server",
+    "microsocks",
+    "tinyproxy",
 ];
+/// PyPI packages the tests drive (pinned): an HTTPS proxy.
+const PYPI: &[(&str, &str)] = &[("pproxy", "2.7.9")];
 const COMPONENTS: &[&str] = &["rust-src", "rustfmt", "clippy"];
 const LLVM: &str = "/usr/lib/llvm-22";
 /// The bpf-linker release verified with aya 0.14 and LLVM 22.
@@ -25,8 +31,23 @@ const BPF_LINKER: &str = "0.13.0";
 
 pub fn ensure() -> Result<()> {
     packages()?;
+    pypi()?;
     components()?;
     bpf_linker()
+}
+
+fn pypi() -> Result<()> {
+    for (name, version) in PYPI {
+        let have = process::output("python3", &["-m", "pip", "show", "-q", name])
+            .is_some_and(|out| out.lines().any(|l| l == format!("Version: {version}")));
+        if !have {
+            process::run(
+                "python3",
+                &["-m", "pip", "install", "-q", &format!("{name}=={version}")],
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn packages() -> Result<()> {

@@ -9,6 +9,7 @@ pub mod api;
 pub mod daemon;
 pub mod harness;
 pub mod topo;
+pub mod upstreams;
 
 use std::{
     future::Future,

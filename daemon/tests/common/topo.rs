@@ -223,6 +223,23 @@ pub fn with_gateway(
     gateway.stop();
 }
 
+/// Copies the routing keys of the YAML `text` (proxies, groups, providers, rules, sub-rules,
+/// sniffer, geodata keys) into `config`.
+pub fn routing_from_yaml(config: &mut Config, text: &str) {
+    let parsed = Config::parse(text, "test routing").unwrap_or_else(|e| panic!("{e}"));
+    config.proxies = parsed.proxies;
+    config.proxy_groups = parsed.proxy_groups;
+    config.proxy_providers = parsed.proxy_providers;
+    config.rules = parsed.rules;
+    config.rule_providers = parsed.rule_providers;
+    config.sub_rules = parsed.sub_rules;
+    config.geox_url = parsed.geox_url;
+    config.geo_auto_update = parsed.geo_auto_update;
+    if text.contains("sniffer:") {
+        config.sniffer = parsed.sniffer;
+    }
+}
+
 /// Writes `n` pattern bytes; returns their FNV-1a checksum.
 pub fn write_pattern(stream: &mut impl std::io::Write, n: u64) -> u64 {
     let mut buf = vec![0u8; 64 * 1024];
@@ -264,4 +281,39 @@ impl Fnv {
             self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
     }
+}
+
+/// The gateway's controller, from inside its namespace.
+pub const API: &str = "127.0.0.1:9090";
+
+/// A plain HTTP/1.1 request to the controller from inside the gateway namespace.
+pub fn http(topo: &Topology, method: &str, path: &str) -> (u16, serde_json::Value) {
+    http_with(topo, method, path, "")
+}
+
+/// [`http`] with a JSON body.
+pub fn http_with(
+    topo: &Topology,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    Topology::run_in(&topo.gateway, move || {
+        let mut conn = std::net::TcpStream::connect(API).expect("connect to the API");
+        conn.write_all(request.as_bytes()).expect("request");
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply).expect("reply");
+        let status = reply[9..12].parse().expect("status code");
+        let body = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        (
+            status,
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        )
+    })
 }

@@ -15,28 +15,7 @@ use tpacct::config::AccountingMode;
 
 const API: &str = "127.0.0.1:9090";
 
-/// A plain HTTP/1.1 request to the API from inside the gateway namespace.
-fn http(topo: &Topology, method: &str, path: &str) -> (u16, Value) {
-    http_with(topo, method, path, "")
-}
-
-/// [`http`] with a JSON body.
-fn http_with(topo: &Topology, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    Topology::run_in(&topo.gateway, move || {
-        let mut conn = TcpStream::connect(API).expect("connect to the API");
-        conn.write_all(request.as_bytes()).expect("request");
-        let mut reply = String::new();
-        conn.read_to_string(&mut reply).expect("reply");
-        let status = reply[9..12].parse().expect("status code");
-        let body = reply.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        (status, serde_json::from_str(body).unwrap_or(Value::Null))
-    })
-}
+use crate::common::topo::{http, http_with};
 
 fn connections(topo: &Topology) -> Vec<Value> {
     let (status, body) = http(topo, "GET", "/connections");

@@ -14,6 +14,7 @@ mod churn;
 mod cli;
 mod firewall;
 mod ring_full;
+mod routing;
 mod tcp_live;
 mod tcp_totals;
 mod tproxy_bind;
@@ -35,6 +36,7 @@ fn main() {
         cli::tests(),
         firewall::tests(),
         ring_full::tests(),
+        routing::tests(),
         tcp_live::tests(),
         tcp_totals::tests(),
         tproxy_bind::tests(),
