@@ -38,7 +38,7 @@ pub fn ensure() -> Result<()> {
 
 fn pypi() -> Result<()> {
     for (name, version) in PYPI {
-        let have = process::output("python3", &["-m", "pip", "show", "-q", name])
+        let have = process::output("python3", &["-m", "pip", "show", name])
             .is_some_and(|out| out.lines().any(|l| l == format!("Version: {version}")));
         if !have {
             process::run(
