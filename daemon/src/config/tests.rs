@@ -130,3 +130,107 @@ fn syntax_error_has_a_line() {
     let e = invalid("log-level: info\n  accounting: [\n");
     assert!(e.line().is_some(), "{e}");
 }
+
+#[test]
+fn a_typical_mihomo_config_loads() {
+    let text = r#"
+mode: rule
+log-level: info
+dns:
+  enable: true
+  nameserver: [223.5.5.5]
+proxies:
+  - name: hk
+    type: socks5
+    server: proxy.example.com
+    port: 1080
+    udp: true
+  - {name: us, type: http, server: 203.0.113.9, port: 443, tls: true, sni: us.example.com, username: a, password: b}
+proxy-groups:
+  - name: Proxy
+    type: select
+    proxies: [Auto, hk, us, DIRECT]
+  - &auto
+    name: Auto
+    type: url-test
+    proxies: [hk, us]
+    url: https://www.gstatic.com/generate_204
+    interval: 300
+rule-providers:
+  reject:
+    type: http
+    behavior: domain
+    url: https://example.com/reject.txt
+    format: text
+    interval: 86400
+rules:
+  - RULE-SET,reject,REJECT
+  - DOMAIN-SUFFIX,google.com,Proxy
+  - GEOSITE,cn,DIRECT
+  - GEOIP,CN,DIRECT,no-resolve
+  - IP-CIDR,192.168.0.0/16,DIRECT,no-resolve
+  - MATCH,Proxy
+"#;
+    let c = Config::parse(text, "x").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.proxies.len(), 2);
+    assert_eq!(c.proxy_groups.len(), 2);
+    assert_eq!(c.rules.len(), 6);
+    assert!(
+        c.ignored.iter().any(|(k, _)| k == "dns"),
+        "mihomo keys tpacct does without are named, not errors"
+    );
+}
+
+#[test]
+fn routing_mistakes_name_their_key_and_line() {
+    for (text, key, line) in [
+        (
+            "rules:\n  - MATCH,DIRECT\n  - BOGUS,x,DIRECT\n",
+            "rules[1]",
+            3,
+        ),
+        ("rules:\n  - DOMAIN,a.com,NOWHERE\n", "rules[0]", 2),
+        ("rules:\n  - IP-CIDR,10.0.0.0/33,DIRECT\n", "rules[0]", 2),
+        ("rules:\n  - RULE-SET,missing,DIRECT\n", "rules[0]", 2),
+        (
+            "proxies:\n  - {name: a, type: ss, server: x, port: 1}\n",
+            "proxies[0].type",
+            2,
+        ),
+        (
+            "proxy-groups:\n  - {name: A, type: select, proxies: [B]}\n  - {name: B, type: select, proxies: [A]}\n",
+            "proxy-groups[0].proxies",
+            2,
+        ),
+        (
+            "proxy-groups:\n  - {name: A, type: select, proxies: [nobody]}\n",
+            "proxy-groups[0].proxies",
+            2,
+        ),
+        (
+            "proxy-groups:\n  - {name: A, type: url-test, proxies: [DIRECT], tolerance: -5}\n",
+            "proxy-groups[0].tolerance",
+            2,
+        ),
+        (
+            "proxy-groups:\n  - {name: A, type: load-balance, proxies: [DIRECT], strategy: random}\n",
+            "proxy-groups[0].strategy",
+            2,
+        ),
+        (
+            "rule-providers:\n  r:\n    type: http\n    behavior: domain\n",
+            "rule-providers.r.url",
+            2,
+        ),
+        ("geodata-mode: true\n", "geodata-mode", 1),
+        (
+            "sub-rules:\n  s:\n    - DOMAIN,a,nowhere\nrules:\n  - SUB-RULE,(NETWORK,tcp),s\n",
+            "sub-rules.s[0]",
+            3,
+        ),
+    ] {
+        let e = invalid(text);
+        assert_eq!(e.key(), Some(key), "{text}: {e}");
+        assert_eq!(e.line(), Some(line), "{text}: {e}");
+    }
+}

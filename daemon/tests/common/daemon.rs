@@ -75,6 +75,11 @@ impl Daemon {
         signal::kill(Pid::from_raw(self.child.id() as i32), sig).expect("signal tpacctd");
     }
 
+    /// SIGHUP: reload the config file.
+    pub fn hangup(&self) {
+        self.signal(signal::Signal::SIGHUP);
+    }
+
     /// SIGTERM, then the exit status.
     pub fn terminate(mut self) -> ExitStatus {
         self.signal(signal::Signal::SIGTERM);

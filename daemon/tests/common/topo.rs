@@ -214,12 +214,25 @@ pub fn with_gateway(
     tweak: impl FnOnce(&mut Config),
     body: impl FnOnce(&Topology, &Gateway),
 ) {
+    with_prepared_gateway(test, mode, tweak, |_| (), |topo, gw, ()| body(topo, gw));
+}
+
+/// [`with_gateway`], with `prepare` run in the fresh topology before the gateway starts (its
+/// result, servers the gateway needs at start, say, is handed to `body`).
+pub fn with_prepared_gateway<T>(
+    test: &str,
+    mode: AccountingMode,
+    tweak: impl FnOnce(&mut Config),
+    prepare: impl FnOnce(&Topology) -> T,
+    body: impl FnOnce(&Topology, &Gateway, T),
+) {
     let _turn = super::serial();
     let topo = Topology::new();
     let mut config = gateway_config(mode, super::test_cgroup(test));
     tweak(&mut config);
+    let prepared = prepare(&topo);
     let gateway = Gateway::start(&topo, config);
-    body(&topo, &gateway);
+    body(&topo, &gateway, prepared);
     gateway.stop();
 }
 

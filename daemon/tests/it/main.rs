@@ -15,6 +15,8 @@ mod cli;
 mod firewall;
 mod ring_full;
 mod routing;
+mod routing_data;
+mod routing_reload;
 mod tcp_live;
 mod tcp_totals;
 mod tproxy_bind;
@@ -37,6 +39,8 @@ fn main() {
         firewall::tests(),
         ring_full::tests(),
         routing::tests(),
+        routing_data::tests(),
+        routing_reload::tests(),
         tcp_live::tests(),
         tcp_totals::tests(),
         tproxy_bind::tests(),
