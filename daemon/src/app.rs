@@ -65,6 +65,7 @@ pub struct App {
     flows: Stage,
     registry: Arc<Registry>,
     listening: Vec<SocketAddr>,
+    proxies: Vec<(inbound::mixed::Kind, SocketAddr)>,
     api: Option<SocketAddr>,
     firewall: Option<firewall::Installed>,
     restart: CancellationToken,
@@ -132,6 +133,8 @@ impl App {
         let restart = state.restart.clone();
         let reloader = state.reloader.clone();
         let api = api::start(config, state, &flows.cancel, &flows.tracker)?;
+        let proxies =
+            inbound::mixed::start(config, pipeline.clone(), &flows.cancel, &flows.tracker)?;
         let listening = inbound::start(config, pipeline, &flows.cancel, &flows.tracker)?;
         let firewall = match config.tproxy_firewall.clone() {
             Some(fw) => {
@@ -157,6 +160,7 @@ impl App {
             flows,
             registry,
             listening,
+            proxies,
             api,
             firewall,
             restart,
@@ -177,6 +181,11 @@ impl App {
     /// Where the Clash API listens, if on.
     pub fn api(&self) -> Option<SocketAddr> {
         self.api
+    }
+
+    /// The proxy inbounds (mixed, HTTP, SOCKS) and their addresses.
+    pub fn proxies(&self) -> &[(inbound::mixed::Kind, SocketAddr)] {
+        &self.proxies
     }
 
     /// Addresses the TPROXY inbound listens on.

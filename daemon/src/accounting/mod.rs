@@ -263,6 +263,18 @@ impl Accounting {
         })
     }
 
+    /// A flow that shares its socket with others (the requests of one keep-alive HTTP proxy
+    /// connection, the destinations of one SOCKS5 UDP association): counted in user space by
+    /// what the relay moves for it.
+    pub fn untracked(&self, proto: Proto) -> Tracked {
+        Tracked {
+            cookie: 0,
+            proto,
+            meter: Meter(Some(Arc::default())),
+            in_kernel: false,
+        }
+    }
+
     /// The socket's counters now.
     pub fn live(&self, t: &Tracked) -> Counters {
         match &self.backend {

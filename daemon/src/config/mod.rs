@@ -45,6 +45,22 @@ pub struct Config {
     pub tproxy_port: u16,
     /// mihomo's `bind-address`: `*` (all addresses, IPv4 and IPv6) or one address.
     pub bind_address: BindAddress,
+    /// mihomo's `mixed-port`: an HTTP and SOCKS5 proxy on one port (0: off).
+    pub mixed_port: u16,
+    /// mihomo's `port`: an HTTP proxy (0: off).
+    pub port: u16,
+    /// mihomo's `socks-port`: a SOCKS5 (and SOCKS4) proxy (0: off).
+    pub socks_port: u16,
+    /// mihomo's `allow-lan`: the proxy ports accept clients other than this host.
+    pub allow_lan: bool,
+    /// mihomo's `lan-allowed-ips`: with `allow-lan`, the clients accepted.
+    pub lan_allowed_ips: Vec<ipnet::IpNet>,
+    /// mihomo's `lan-disallowed-ips`: clients refused even when allowed above.
+    pub lan_disallowed_ips: Vec<ipnet::IpNet>,
+    /// mihomo's `authentication`: `user:pass` entries the proxy ports require.
+    pub authentication: Vec<String>,
+    /// mihomo's `skip-auth-prefixes`: clients that need no credentials.
+    pub skip_auth_prefixes: Vec<ipnet::IpNet>,
     /// mihomo's `routing-mark`: SO_MARK on every outbound socket (0: none), so captured
     /// traffic never loops back into the proxy.
     pub routing_mark: u32,
@@ -134,6 +150,17 @@ impl Default for Config {
             accounting_max_sockets: MaxSockets(tpacct_common::MAX_SOCKETS),
             tproxy_port: 7893,
             bind_address: BindAddress::Any,
+            mixed_port: 0,
+            port: 0,
+            socks_port: 0,
+            allow_lan: false,
+            lan_allowed_ips: vec![
+                "0.0.0.0/0".parse().unwrap_or_else(|_| unreachable!()),
+                "::/0".parse().unwrap_or_else(|_| unreachable!()),
+            ],
+            lan_disallowed_ips: Vec::new(),
+            authentication: Vec::new(),
+            skip_auth_prefixes: Vec::new(),
             routing_mark: 0,
             interface_name: None,
             max_connections: Count(16_384),
@@ -349,6 +376,27 @@ impl Config {
             }
         }
         crate::route::check::check(self).map_err(|(key, message)| invalid(&key, message))?;
+        for (i, entry) in self.authentication.iter().enumerate() {
+            if !entry.contains(':') {
+                return Err(invalid(
+                    &format!("authentication[{i}]"),
+                    format!("`{entry}` is not `user:pass`"),
+                ));
+            }
+        }
+        let ports = [
+            ("tproxy-port", self.tproxy_port),
+            ("mixed-port", self.mixed_port),
+            ("port", self.port),
+            ("socks-port", self.socks_port),
+        ];
+        for (i, (a, pa)) in ports.iter().enumerate() {
+            for (b, pb) in &ports[i + 1..] {
+                if *pa != 0 && pa == pb {
+                    return Err(invalid(b, format!("{pb} is already `{a}`")));
+                }
+            }
+        }
         if !self.external_controller.is_empty()
             && self
                 .external_controller

@@ -169,6 +169,14 @@ impl Flow {
         }
     }
 
+    /// Takes handshake bytes (a proxy protocol's greeting, request and reply) out of the
+    /// counts: the kernel counted them on the socket; user-space counting never saw them.
+    pub fn skip_handshake(&self, rx: u64, tx: u64) {
+        if self.tracked.in_kernel() {
+            self.adjust.skip(rx, tx);
+        }
+    }
+
     /// mihomo's `host`.
     pub fn host(&self) -> Option<&str> {
         self.host.get().map(|(h, _)| h.as_str())

@@ -120,7 +120,7 @@ impl Pipeline {
             }
         };
         let flow = self.registry.open(meta, tracked, Leg::Client);
-        flow.adjust.skip(handshake.0, handshake.1);
+        flow.skip_handshake(handshake.0, handshake.1);
         let finisher = Finisher::new(flow.clone(), self.registry.clone());
         let routing = self.router.routing();
         let sniffing = self.sniffing(&flow, &routing);
@@ -128,7 +128,7 @@ impl Pipeline {
         if sniffing.is_some() && answer.waits() {
             // The client sends nothing before it hears back: answer first, as mihomo does.
             match answer.answer(&mut client, Ok(())).await {
-                Ok(n) => flow.adjust.skip(0, n),
+                Ok(n) => flow.skip_handshake(0, n),
                 Err(_) => return finisher.finish().await,
             }
             answered = true;
@@ -157,6 +157,31 @@ impl Pipeline {
         self.connect(client, &flow, &route, &routing, target, answer, answered)
             .await;
         finisher.finish().await;
+    }
+
+    /// Registers a flow that shares its socket with others (one request of a keep-alive HTTP
+    /// proxy connection), names and routes it; the caller dials and relays, reporting the
+    /// bytes it moves to the flow's meter.
+    pub fn request(&self, meta: FlowMeta) -> (Arc<Flow>, Finisher, Route, Arc<Routing>) {
+        let network = meta.network;
+        let tracked = self.registry.accounting().untracked(match network {
+            super::Network::Tcp => crate::accounting::Proto::Tcp,
+            super::Network::Udp => crate::accounting::Proto::Udp,
+        });
+        let flow = self.registry.open(meta, tracked, Leg::Client);
+        let finisher = Finisher::new(flow.clone(), self.registry.clone());
+        self.name(&flow, None);
+        let net = match network {
+            super::Network::Tcp => Net::Tcp,
+            super::Network::Udp => Net::Udp,
+        };
+        let (route, routing) = self.router.route(&query(&flow, net));
+        flow.set_route(RouteInfo {
+            rule: route.rule,
+            payload: route.payload.clone(),
+            chains: route.chains.clone(),
+        });
+        (flow, finisher, route, routing)
     }
 
     /// Dials and relays; every socket is closed when this returns.
@@ -201,7 +226,7 @@ impl Pipeline {
             Err(e) => {
                 tracing::debug!("{} {} → {}: {e}", flow.id, flow.meta.source, chain(route));
                 if !answered && let Ok(n) = answer.answer(&mut client, Err(&e)).await {
-                    flow.adjust.skip(0, n);
+                    flow.skip_handshake(0, n);
                 }
                 relay::reset(&client);
                 return;
@@ -212,7 +237,7 @@ impl Pipeline {
         }
         if !answered {
             match answer.answer(&mut client, Ok(())).await {
-                Ok(n) => flow.adjust.skip(0, n),
+                Ok(n) => flow.skip_handshake(0, n),
                 Err(_) => return,
             }
         }

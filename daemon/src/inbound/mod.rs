@@ -1,6 +1,7 @@
 //! The TPROXY inbound: TCP and UDP listeners on `tproxy-port` (IPv4 and IPv6) that take
 //! redirected traffic, register each connection or session as a flow, and hand it on.
 
+pub mod mixed;
 mod sys;
 mod tcp;
 mod udp;

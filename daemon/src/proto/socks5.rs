@@ -29,7 +29,7 @@ pub mod reply {
 }
 
 /// A SOCKS address: an IP socket address or a name and port.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Addr {
     Ip(SocketAddr),
     Domain(String, u16),

@@ -87,7 +87,67 @@ async fn the_other_routes_answer_honestly() {
     );
 }
 
+/// The routing config captured from mihomo, through tpacct: every outbound, group and rule in
+/// mihomo's shape and order, with mihomo's type names.
+async fn a_mihomo_routing_config_lists_like_mihomo() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/mihomo-v1.19.23/routing");
+    let text = std::fs::read_to_string(dir.join("config.yaml")).expect("config");
+    let config = tpacct::config::Config::parse(&text, "routing/config.yaml").expect("parses");
+    let api = crate::common::api::api_with(config).await;
+    let (_, ours, _) = call(&api, get("/proxies")).await;
+    let theirs = reference("routing/proxies.json");
+    for name in [
+        "up1",
+        "up2",
+        "PROXY",
+        "Auto",
+        "GLOBAL",
+        "DIRECT",
+        "REJECT",
+        "PASS",
+        "COMPATIBLE",
+    ] {
+        let (o, mut t) = (&ours["proxies"][name], theirs["proxies"][name].clone());
+        // mihomo had run health checks: per-URL results under `extra` (issue 10's part).
+        t["extra"] = serde_json::json!({});
+        same_shape(&format!("proxies.{name}"), o, &t, true);
+        assert_eq!(o["type"], t["type"], "{name}");
+        if t.get("all").is_some() {
+            assert_eq!(o["all"], t["all"], "{name}: members in mihomo's order");
+            assert_eq!(o["now"], t["now"], "{name}");
+        }
+    }
+    let (_, ours, _) = call(&api, get("/rules")).await;
+    let theirs = reference("routing/rules.json");
+    let strip = |v: &serde_json::Value| -> Vec<(String, String, String)> {
+        v["rules"]
+            .as_array()
+            .expect("rules")
+            .iter()
+            .map(|r| {
+                let s = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+                (s("type"), s("payload"), s("proxy"))
+            })
+            .collect()
+    };
+    assert_eq!(
+        strip(&ours),
+        strip(&theirs),
+        "types, payloads and targets as mihomo lists them"
+    );
+    same_shape("rules", &ours, &theirs, true);
+    let (_, ours, _) = call(&api, get("/providers/rules")).await;
+    same_shape(
+        "providers.ads",
+        &ours["providers"]["ads"],
+        &reference("routing/providers_rules.json")["providers"]["ads"],
+        true,
+    );
+}
+
 crate::tests![
     tokio providers_in_mihomos_shape,
     tokio the_other_routes_answer_honestly,
+    tokio a_mihomo_routing_config_lists_like_mihomo,
 ];

@@ -13,6 +13,7 @@ mod api_ws;
 mod churn;
 mod cli;
 mod firewall;
+mod mixed;
 mod ring_full;
 mod routing;
 mod routing_data;
@@ -37,6 +38,7 @@ fn main() {
         churn::tests(),
         cli::tests(),
         firewall::tests(),
+        mixed::tests(),
         ring_full::tests(),
         routing::tests(),
         routing_data::tests(),
