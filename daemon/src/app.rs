@@ -64,6 +64,7 @@ pub struct App {
     core: Stage,
     flows: Stage,
     registry: Arc<Registry>,
+    health: Arc<crate::outbound::Health>,
     listening: Vec<SocketAddr>,
     proxies: Vec<(inbound::mixed::Kind, SocketAddr)>,
     api: Option<SocketAddr>,
@@ -114,7 +115,14 @@ impl App {
         let registry = Arc::new(Registry::new(accounting, config.closed_connections.get()));
         let (rates, sampler) = speed::start(registry.clone(), flows.cancel.clone());
         flows.tracker.spawn(sampler);
-        let routing = match crate::route::build(config, &dir).await {
+        let health = Arc::new(crate::outbound::Health::new(Some(dir.clone())));
+        let flows_of = registry.clone();
+        let interrupt = move |group: &str, member: &str| {
+            let n = flows_of.close_through(group, member);
+            tracing::info!("group {group} left {member}: {n} flows through it closed");
+        };
+        let _ = health.on_switch.set(Box::new(interrupt));
+        let routing = match crate::route::build(config, &dir, health.clone()).await {
             Ok(r) => r,
             Err(e) => {
                 core.cancel.cancel();
@@ -122,6 +130,10 @@ impl App {
             }
         };
         let router = Router::new(config.mode, routing);
+        flows.tracker.spawn(crate::outbound::health::keep_affinity(
+            health.clone(),
+            flows.cancel.clone(),
+        ));
         crate::route::refresh::spawn(router.clone(), config, &dir, &flows.cancel, &flows.tracker);
         let pipeline = Arc::new(Pipeline {
             registry: registry.clone(),
@@ -159,6 +171,7 @@ impl App {
             core,
             flows,
             registry,
+            health,
             listening,
             proxies,
             api,
@@ -203,6 +216,7 @@ impl App {
         self.flows.cancel.cancel();
         self.registry.close_all();
         self.flows.stop("flows").await;
+        self.health.affinity.save();
         self.core.stop("accounting").await;
     }
 }

@@ -141,6 +141,22 @@ impl Registry {
         }
     }
 
+    /// Closes the live flows whose chain passes through group `group` to `member` (a group
+    /// switched away from it); returns how many.
+    pub fn close_through(&self, group: &str, member: &str) -> usize {
+        let mut closed = 0;
+        for flow in self.live.iter() {
+            let Some(route) = flow.route() else { continue };
+            let at = route.chains.iter().position(|c| c == group);
+            // chains run leaf first: the member sits just before its group.
+            if at.is_some_and(|i| i > 0 && route.chains[i - 1] == member) {
+                flow.close_token().cancel();
+                closed += 1;
+            }
+        }
+        closed
+    }
+
     pub fn get(&self, id: &Uuid) -> Option<Arc<Flow>> {
         self.live.get(id).map(|f| f.clone())
     }

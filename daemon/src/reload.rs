@@ -136,7 +136,8 @@ impl Reloader {
         if new.secret.is_none() {
             new.secret = old.secret.clone();
         }
-        let routing = route::build(&new, &self.dir).await?;
+        let health = self.pipeline.router.routing().outbounds.health().clone();
+        let routing = route::build(&new, &self.dir, health).await?;
         self.pipeline.router.replace(routing);
         self.pipeline.router.set_mode(new.mode);
         if let Some(logging) = crate::logging::get() {

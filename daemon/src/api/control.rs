@@ -4,14 +4,10 @@
 
 use std::sync::Arc;
 
-use axum::{
-    Json,
-    extract::{Path, State},
-    http::StatusCode,
-};
+use axum::{Json, extract::State, http::StatusCode};
 use serde_json::{Value, json};
 
-use super::{ApiError, ApiState, proxies};
+use super::{ApiError, ApiState};
 
 fn not_implemented(message: &str) -> ApiError {
     ApiError(StatusCode::NOT_IMPLEMENTED, message.to_owned())
@@ -51,15 +47,4 @@ pub(super) async fn restart(State(state): State<Arc<ApiState>>) -> Json<Value> {
     tracing::info!("restart requested through the API");
     state.restart.cancel();
     Json(json!({ "status": "ok" }))
-}
-
-/// `DELETE /proxies/{name}`: clears a group's fixed choice; a selector has none (400, as mihomo).
-pub(super) async fn unfix(
-    State(state): State<Arc<ApiState>>,
-    Path(name): Path<String>,
-) -> Result<StatusCode, ApiError> {
-    proxies::find(&state, &name)?;
-    Err(ApiError::bad_request(format!(
-        "`{name}` has no fixed choice to clear (only url-test and fallback groups do)"
-    )))
 }

@@ -65,7 +65,8 @@ impl DelayQuery {
     }
 }
 
-/// Tests `name` (a group: its current member) and records the result under the leaf.
+/// Tests `name` (a group: its current member) within the global bound of tests at once, and
+/// records the result under the leaf.
 pub(super) async fn test(state: &ApiState, name: &str, spec: &TestSpec) -> Result<u64, Failure> {
     let routing = state.routing();
     let leaf = routing
@@ -73,9 +74,7 @@ pub(super) async fn test(state: &ApiState, name: &str, spec: &TestSpec) -> Resul
         .resolve(name)
         .map(|(leaf, _)| leaf.name.clone())
         .unwrap_or_else(|_| name.to_owned());
-    let result = health::measure(&routing.outbounds, &leaf, spec).await;
-    state.delays.record(&leaf, result.as_ref().copied());
-    result
+    crate::outbound::checks::test(&routing.outbounds, &leaf, spec).await
 }
 
 /// Tests each of `names` at once.

@@ -49,8 +49,6 @@ pub struct ApiState {
     pub pipeline: Arc<Pipeline>,
     /// The state directory (reloads build providers there).
     pub dir: std::path::PathBuf,
-    /// Delay results per outbound, shared with health checks.
-    pub delays: Arc<crate::outbound::health::History>,
     /// Open WebSockets (each holds a permit; they outlive their HTTP connection's slot).
     pub websockets: Arc<tokio::sync::Semaphore>,
     /// The cgroup's memory limit, read once at start (finding the cgroup may mount cgroup2).
@@ -81,7 +79,6 @@ impl ApiState {
             config: config.clone(),
             pipeline,
             dir,
-            delays: Arc::default(),
             websockets: Arc::new(tokio::sync::Semaphore::new(MAX_WEBSOCKETS)),
             memory_limit: crate::speed::memory_limit(),
             restart: CancellationToken::new(),
@@ -149,7 +146,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/proxies/{name}",
             get(proxies::proxy)
                 .put(proxies::select)
-                .delete(control::unfix),
+                .delete(proxies::unfix),
         )
         .route("/group", get(proxies::groups))
         .route("/proxies/{name}/delay", get(delay::proxy))

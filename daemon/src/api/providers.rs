@@ -98,7 +98,22 @@ pub(super) async fn healthcheck(
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let members = members_of(&state, &name)?;
-    delay::test_all(&state, &members, &Default::default()).await;
+    // The provider's own check (a real provider's `health-check`, a group's url), else mihomo's.
+    let routing = state.routing();
+    let spec = routing
+        .outbounds
+        .group(&name)
+        .and_then(|g| g.check.clone())
+        .or_else(|| {
+            let checks = &routing.outbounds.provider_checks;
+            checks
+                .iter()
+                .find(|c| c.name == name)
+                .map(|c| c.check.clone())
+        })
+        .map(|c| c.spec)
+        .unwrap_or_default();
+    delay::test_all(&state, &members, &spec).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

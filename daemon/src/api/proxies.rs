@@ -20,22 +20,40 @@ use crate::{
 };
 
 /// `history` as mihomo shows it: `[{time, delay}]`, oldest first.
-fn history(state: &ApiState, name: &str) -> Value {
-    state
-        .delays
+fn history(outbounds: &Outbounds, name: &str) -> Value {
+    outbounds
+        .health()
+        .history
         .of(name)
         .into_iter()
         .map(|(time, delay)| json!({ "time": rfc3339(time), "delay": delay }))
         .collect()
 }
 
-fn leaf_json(state: &ApiState, p: &Proxy) -> Value {
+/// tpacct's per-outbound figures, under `extra` where mihomo keeps per-URL results (clients
+/// look those up by URL, so another key leaves them be).
+fn figures(outbounds: &Outbounds, name: &str) -> Value {
+    let health = outbounds.health();
+    let f = health.breakers.figures(name);
+    json!({ "tpacct": {
+        "active": f.active,
+        "dials": f.dials,
+        "dialFailures": f.dial_failures,
+        "dialMeanMs": f.dial_mean_ms(),
+        "dialP99Ms": f.dial_p99_ms(),
+        "healthy": outbounds.alive(name),
+        "affinityRequests": f.affinity_requests,
+        "affinityHits": f.affinity_hits,
+    }})
+}
+
+fn leaf_json(outbounds: &Outbounds, p: &Proxy) -> Value {
     let spec = p.spec();
     json!({
-        "alive": state.delays.alive(&p.name),
+        "alive": outbounds.alive(&p.name),
         "dialer-proxy": spec.and_then(|s| s.dialer_proxy.clone()).unwrap_or_default(),
-        "extra": {},
-        "history": history(state, &p.name),
+        "extra": figures(outbounds, &p.name),
+        "history": history(outbounds, &p.name),
         "id": "",
         "interface": p.opts.device.clone().unwrap_or_default(),
         "mptcp": p.opts.mptcp,
@@ -51,21 +69,22 @@ fn leaf_json(state: &ApiState, p: &Proxy) -> Value {
     })
 }
 
-fn group_json(state: &ApiState, outbounds: &Outbounds, g: &crate::outbound::Group) -> Value {
-    let now = g.current().unwrap_or_default();
+fn group_json(outbounds: &Outbounds, g: &crate::outbound::Group) -> Value {
+    let now = g.now(outbounds);
     let udp = !g.disable_udp && outbounds.resolve(&g.name).is_ok_and(|(leaf, _)| leaf.udp());
     // A group's history is its current member's.
     let shown = outbounds
         .resolve(&g.name)
         .map(|(leaf, _)| leaf.name.clone())
         .unwrap_or_default();
+    let check = g.check.as_ref();
     let mut v = json!({
-        "alive": state.delays.alive(&shown),
+        "alive": outbounds.alive(&g.name),
         "all": g.members,
         "dialer-proxy": "",
-        "extra": {},
+        "extra": figures(outbounds, &g.name),
         "hidden": g.hidden,
-        "history": history(state, &shown),
+        "history": history(outbounds, &shown),
         "icon": g.icon,
         "interface": "",
         "mptcp": false,
@@ -74,7 +93,7 @@ fn group_json(state: &ApiState, outbounds: &Outbounds, g: &crate::outbound::Grou
         "provider-name": "",
         "routing-mark": 0,
         "smux": false,
-        "testUrl": g.test_url,
+        "testUrl": check.map(|c| c.spec.url.to_string()).unwrap_or_default(),
         "tfo": false,
         "type": g.kind.clash_name(),
         "udp": udp,
@@ -82,7 +101,7 @@ fn group_json(state: &ApiState, outbounds: &Outbounds, g: &crate::outbound::Grou
         "xudp": false,
     });
     if g.kind != crate::config::GroupKind::Select {
-        v["expectedStatus"] = json!("*");
+        v["expectedStatus"] = json!(check.map_or_else(|| "*".to_owned(), |c| c.expected_text()));
         v["fixed"] = json!(g.selected().unwrap_or_default());
     }
     v
@@ -91,13 +110,13 @@ fn group_json(state: &ApiState, outbounds: &Outbounds, g: &crate::outbound::Grou
 /// The JSON of outbound `name`, as `/proxies/{name}` answers it.
 pub(super) fn find(state: &ApiState, name: &str) -> Result<Value, ApiError> {
     let routing = state.routing();
-    node_json(state, &routing, name)
+    node_json(&routing, name)
 }
 
-fn node_json(state: &ApiState, routing: &Routing, name: &str) -> Result<Value, ApiError> {
+fn node_json(routing: &Routing, name: &str) -> Result<Value, ApiError> {
     match routing.outbounds.get(name) {
-        Some(Node::Proxy(p)) => Ok(leaf_json(state, p)),
-        Some(Node::Group(g)) => Ok(group_json(state, &routing.outbounds, g)),
+        Some(Node::Proxy(p)) => Ok(leaf_json(&routing.outbounds, p)),
+        Some(Node::Group(g)) => Ok(group_json(&routing.outbounds, g)),
         None => Err(ApiError::not_found(format!("no proxy named `{name}`"))),
     }
 }
@@ -140,7 +159,7 @@ pub(super) async fn proxies(State(state): State<Arc<ApiState>>) -> Json<Value> {
     let all: serde_json::Map<String, Value> = routing
         .outbounds
         .iter()
-        .filter_map(|(name, _)| Some((name.clone(), node_json(&state, &routing, name).ok()?)))
+        .filter_map(|(name, _)| Some((name.clone(), node_json(&routing, name).ok()?)))
         .collect();
     Json(json!({ "proxies": all }))
 }
@@ -152,12 +171,30 @@ pub(super) async fn proxy(
     find(&state, &name).map(Json)
 }
 
+/// `DELETE /proxies/{group}`: a url-test or fallback group chooses by health again.
+pub(super) async fn unfix(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let routing = state.routing();
+    if routing.outbounds.get(&name).is_none() {
+        return Err(ApiError::not_found(format!("no proxy named `{name}`")));
+    }
+    routing
+        .outbounds
+        .unfix(&name)
+        .map_err(ApiError::bad_request)?;
+    tracing::info!("group {name}: the fixed choice was cleared through the API");
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[derive(Debug, Deserialize)]
 pub(super) struct Choice {
     name: String,
 }
 
-/// `PUT /proxies/{group}`: chooses a select group's member (kept across restarts).
+/// `PUT /proxies/{group}`: chooses a select group's member, or fixes a url-test or fallback
+/// group's (kept across restarts).
 pub(super) async fn select(
     State(state): State<Arc<ApiState>>,
     Path(name): Path<String>,
@@ -180,7 +217,7 @@ pub(super) async fn groups(State(state): State<Arc<ApiState>>) -> Json<Value> {
     let routing = state.routing();
     let list: Vec<Value> = group_names(&state)
         .iter()
-        .filter_map(|n| node_json(&state, &routing, n).ok())
+        .filter_map(|n| node_json(&routing, n).ok())
         .collect();
     Json(json!({ "proxies": list }))
 }
@@ -191,7 +228,7 @@ pub(super) async fn group(
 ) -> Result<Json<Value>, ApiError> {
     let routing = state.routing();
     match routing.outbounds.group(&name) {
-        Some(g) => Ok(Json(group_json(&state, &routing.outbounds, g))),
+        Some(g) => Ok(Json(group_json(&routing.outbounds, g))),
         None => Err(ApiError::not_found(format!("no group named `{name}`"))),
     }
 }

@@ -18,8 +18,8 @@ use serde::Deserialize;
 
 pub use firewall::FirewallConfig;
 pub use routing::{
-    Behavior, GeoxUrl, GroupConfig, GroupKind, HealthCheckConfig, IpVersion, ProxyConfig,
-    ProxyKind, ProxyProviderConfig, RuleFormat, RuleProviderConfig, SubRules, Vehicle,
+    Behavior, CircuitBreakerConfig, GeoxUrl, GroupConfig, GroupKind, HealthCheckConfig, IpVersion,
+    ProxyConfig, ProxyKind, ProxyProviderConfig, RuleFormat, RuleProviderConfig, SubRules, Vehicle,
 };
 pub use sniffer::{Millis, PortRange, Protocol, SniffConfig, Sniffer, TcpSniff};
 pub use types::{AccountingMode, BindAddress, Count, LogLevel, MaxSockets, Mode, Seconds};
@@ -95,6 +95,8 @@ pub struct Config {
     pub proxies: Vec<ProxyConfig>,
     /// mihomo's `proxy-groups`.
     pub proxy_groups: Vec<GroupConfig>,
+    /// tpacct's `circuit-breaker`: when dial and check failures mark an outbound dead.
+    pub circuit_breaker: CircuitBreakerConfig,
     /// mihomo's `proxy-providers`.
     pub proxy_providers: IndexMap<String, ProxyProviderConfig>,
     /// mihomo's `rules`: `TYPE,PAYLOAD,TARGET[,OPTION…]`, first match wins.
@@ -177,6 +179,7 @@ impl Default for Config {
             mode: Mode::default(),
             proxies: Vec::new(),
             proxy_groups: Vec::new(),
+            circuit_breaker: CircuitBreakerConfig::default(),
             proxy_providers: IndexMap::new(),
             // Without `rules:`, everything goes DIRECT by the `Match` rule.
             rules: vec!["MATCH,DIRECT".to_owned()],

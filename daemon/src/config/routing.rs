@@ -133,6 +133,13 @@ pub struct GroupConfig {
     pub hidden: bool,
     #[serde(default)]
     pub icon: String,
+    /// sing-box's `idle_timeout` (seconds): a lazy group stops checking after no flow used
+    /// it this long (default 1800).
+    #[serde(default)]
+    pub idle_timeout: Option<super::Seconds<1, 604_800>>,
+    /// tpacct: how long a sticky session keeps its member unused (seconds, default 1800).
+    #[serde(default)]
+    pub affinity_ttl: Option<super::Seconds<1, 604_800>>,
 }
 
 /// `proxy-groups[].type`.
@@ -261,6 +268,30 @@ pub struct ProxyProviderConfig {
     /// `type: inline`: the proxies themselves.
     #[serde(default)]
     pub payload: Vec<ProxyConfig>,
+}
+
+/// `circuit-breaker:` (tpacct): when real dials and checks mark an outbound dead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct CircuitBreakerConfig {
+    /// Failures within `failure-window` that open the breaker.
+    pub max_failures: super::Count<1, 1000>,
+    pub failure_window: super::Seconds<1, 86_400>,
+    /// How long an opened breaker keeps the outbound dead; doubled on each failed retry.
+    pub recovery_time: super::Seconds<1, 86_400>,
+    /// The cap of that doubling.
+    pub max_recovery_time: super::Seconds<1, 604_800>,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        CircuitBreakerConfig {
+            max_failures: super::Count(3),
+            failure_window: super::Seconds(300),
+            recovery_time: super::Seconds(60),
+            max_recovery_time: super::Seconds(1800),
+        }
+    }
 }
 
 /// `proxy-providers[].health-check`.

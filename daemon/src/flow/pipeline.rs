@@ -214,14 +214,14 @@ impl Pipeline {
                 io::Error::new(io::ErrorKind::InvalidInput, "no destination"),
             ))),
             (_, Some(target)) => tokio::select! {
-                r = routing.outbounds.dial_tcp(leaf, &target) => r,
+                r = routing.outbounds.connect(&route.chains, leaf, &target) => r,
                 () = flow.close_token().cancelled() => {
                     relay::reset(&client);
                     return;
                 }
             },
         };
-        let upstream = match dialed {
+        let (upstream, _active) = match dialed {
             Ok(u) => u,
             Err(e) => {
                 tracing::debug!("{} {} → {}: {e}", flow.id, flow.meta.source, chain(route));

@@ -42,6 +42,8 @@ fn with_buffer<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
 pub(super) struct Session {
     /// Towards the destination; None when the route rejects (datagrams are dropped).
     upstream: Option<UdpSession>,
+    /// Counts the session among its leaf's active flows.
+    _active: Option<crate::outbound::Active>,
     flow: Arc<Flow>,
     /// Whether replies are DNS answers to learn names from.
     dns: bool,
@@ -161,22 +163,23 @@ async fn open(
         payload: route.payload.clone(),
         chains: route.chains.clone(),
     });
-    let upstream = match route.leaf.kind {
-        Kind::Reject | Kind::RejectDrop | Kind::Pass | Kind::Compatible => None,
+    let (upstream, active) = match route.leaf.kind {
+        Kind::Reject | Kind::RejectDrop | Kind::Pass | Kind::Compatible => (None, None),
         _ => {
-            let session = routing
+            let (session, active) = routing
                 .outbounds
-                .udp(&route.leaf, &Target::Ip(destination))
+                .open_udp(&route.chains, &route.leaf, &Target::Ip(destination))
                 .await
                 .map_err(|e| io::Error::new(e.kind(), e.to_string()))?;
             if let Some(addr) = session.destination() {
                 flow.set_dialed(addr);
             }
-            Some(session)
+            (Some(session), Some(active))
         }
     };
     let session = Session {
         upstream,
+        _active: active,
         flow,
         dns: destination.port() == 53,
     };

@@ -9,12 +9,72 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use super::Outbounds;
+use super::{Outbounds, affinity::Affinity, breaker::Breakers};
+
+/// Delay tests running at once, across every group and check round.
+pub const MAX_TESTS: usize = 10;
+
+/// Flow switches a group's choice change should cause: (group, old member).
+type OnSwitch = Box<dyn Fn(&str, &str) + Send + Sync>;
+
+/// Everything about outbounds' health that outlives a reload: the delay history, circuit
+/// breakers and figures, sticky sessions, and the bound on concurrent tests.
+pub struct Health {
+    pub history: History,
+    pub breakers: Breakers,
+    pub affinity: Affinity,
+    pub tests: tokio::sync::Semaphore,
+    /// Closes the flows through a group's old member (`interrupt-exist-connections`).
+    pub on_switch: std::sync::OnceLock<OnSwitch>,
+}
+
+impl std::fmt::Debug for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Health").finish_non_exhaustive()
+    }
+}
+
+impl Health {
+    /// Health with sticky sessions kept in `state_dir`.
+    pub fn new(state_dir: Option<std::path::PathBuf>) -> Health {
+        Health {
+            history: History::default(),
+            breakers: Breakers::default(),
+            affinity: Affinity::load(state_dir),
+            tests: tokio::sync::Semaphore::new(MAX_TESTS),
+            on_switch: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health::new(None)
+    }
+}
+
+/// How often sticky sessions are written to the state directory (and at shutdown).
+const AFFINITY_SAVE: Duration = Duration::from_secs(60);
+
+/// Writes sticky sessions that changed every [`AFFINITY_SAVE`] until `cancel`.
+pub async fn keep_affinity(
+    health: std::sync::Arc<Health>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(AFFINITY_SAVE) => health.affinity.save_if_changed(),
+            () = cancel.cancelled() => return,
+        }
+    }
+}
 
 /// Results kept per outbound.
 pub const KEEP: usize = 10;
 /// mihomo's default test URL.
 pub const DEFAULT_URL: &str = "https://www.gstatic.com/generate_204";
+/// mihomo's default check interval, in seconds.
+pub const DEFAULT_INTERVAL: u64 = 300;
 /// mihomo's default test timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(5000);
 
@@ -94,32 +154,58 @@ struct Entry {
 }
 
 /// Delay results by leaf name.
-#[derive(Debug, Default)]
-pub struct History(Mutex<HashMap<String, Entry>>);
+#[derive(Debug)]
+pub struct History {
+    map: Mutex<HashMap<String, Entry>>,
+    /// Bumped on every result: whoever chooses by delay looks again (the update hook).
+    updated: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            map: Mutex::default(),
+            updated: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
 
 impl History {
+    /// Changes whenever a result is recorded (or [`History::changed`] is called).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.updated.subscribe()
+    }
+
+    /// Tells subscribers that aliveness changed otherwise (a breaker opened).
+    pub fn changed(&self) {
+        self.updated.send_modify(|n| *n += 1);
+    }
+
     /// Records a result for `name`: a delay is kept (10 at most); a failure clears the history.
     pub fn record(&self, name: &str, result: Result<u64, &Failure>) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = map.entry(name.to_owned()).or_default();
-        match result {
-            Ok(delay) => {
-                if entry.results.len() == KEEP {
-                    entry.results.pop_front();
+        {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = map.entry(name.to_owned()).or_default();
+            match result {
+                Ok(delay) => {
+                    if entry.results.len() == KEEP {
+                        entry.results.pop_front();
+                    }
+                    entry.results.push_back((SystemTime::now(), delay));
+                    entry.alive = true;
                 }
-                entry.results.push_back((SystemTime::now(), delay));
-                entry.alive = true;
-            }
-            Err(_) => {
-                entry.results.clear();
-                entry.alive = false;
+                Err(_) => {
+                    entry.results.clear();
+                    entry.alive = false;
+                }
             }
         }
+        self.changed();
     }
 
     /// The results for `name`, oldest first.
     pub fn of(&self, name: &str) -> Vec<(SystemTime, u64)> {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.get(name)
             .map(|e| e.results.iter().copied().collect())
             .unwrap_or_default()
@@ -127,13 +213,13 @@ impl History {
 
     /// The newest delay, if the last test succeeded.
     pub fn last(&self, name: &str) -> Option<(SystemTime, u64)> {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.get(name).and_then(|e| e.results.back().copied())
     }
 
     /// False once a test failed (until one succeeds); true for an outbound never tested.
     pub fn alive(&self, name: &str) -> bool {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         map.get(name).is_none_or(|e| e.alive)
     }
 }

@@ -4,6 +4,9 @@
 //! leaf ([`Outbounds::resolve`], with mihomo's `chains`), and a leaf dials TCP or opens a UDP
 //! session ([`Outbounds::dial_tcp`], [`Outbounds::udp`]).
 
+mod affinity;
+mod breaker;
+pub mod checks;
 mod dial;
 mod group;
 pub mod health;
@@ -16,8 +19,9 @@ mod udp;
 use std::{fmt, io, net::SocketAddr, time::Duration};
 
 pub use dial::SocketOpts;
-pub use group::Group;
-pub use registry::{BUILTINS, GLOBAL, Node, Outbounds, proxy};
+pub use group::{CheckSpec, Group, Pick, Strategy, destination_key};
+pub use health::Health;
+pub use registry::{Active, BUILTINS, GLOBAL, Node, Outbounds, proxy};
 
 /// Names the registry always has: the built-ins and GLOBAL.
 pub fn registry_names() -> &'static [&'static str] {

@@ -7,9 +7,10 @@ use std::{collections::HashMap, future::Future, path::PathBuf, pin::Pin, sync::A
 use indexmap::IndexMap;
 
 use super::{
-    Error, Group, Kind, Proxy, ProxySpec, SocketOpts, Target, UdpSession, Upstream, http, socks5,
+    CheckSpec, Error, Group, Health, Kind, Pick, Proxy, ProxySpec, SocketOpts, Strategy, Target,
+    UdpSession, Upstream, checks::Activity, health, http, socks5,
 };
-use crate::config::{Config, GroupKind, ProxyConfig, ProxyKind};
+use crate::config::{Config, GroupConfig, GroupKind, HealthCheckConfig, ProxyConfig, ProxyKind};
 
 /// The name of the group `mode: global` follows.
 pub const GLOBAL: &str = "GLOBAL";
@@ -33,6 +34,101 @@ pub struct Outbounds {
     nodes: IndexMap<String, Node>,
     /// Where group choices are kept (None: not kept).
     selections: Option<PathBuf>,
+    /// Delay history, breakers, sticky sessions: shared with the registries before and after.
+    health: Arc<Health>,
+    /// Proxy providers with `health-check.enable`.
+    pub provider_checks: Vec<ProviderCheck>,
+}
+
+/// A flow using a leaf: counted in the leaf's active flows until dropped.
+#[derive(Debug)]
+pub struct Active {
+    health: Arc<Health>,
+    leaf: String,
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.health.breakers.ended(&self.leaf);
+    }
+}
+
+/// A proxy provider's `health-check`.
+#[derive(Debug)]
+pub struct ProviderCheck {
+    pub name: String,
+    /// Its proxies.
+    pub members: Vec<String>,
+    pub check: CheckSpec,
+    /// When groups holding its proxies were last used.
+    pub activity: Arc<Activity>,
+}
+
+/// A check spec from a group's or provider's keys, mihomo's defaults filled in.
+fn check_spec(
+    url: Option<&str>,
+    interval: Option<u64>,
+    timeout: Option<u64>,
+    lazy: Option<bool>,
+    expected: Option<&str>,
+) -> CheckSpec {
+    let mut spec = health::TestSpec::default();
+    if let Some(u) = url.and_then(|u| url::Url::parse(u).ok()) {
+        spec.url = u;
+    }
+    if let Some(ms) = timeout.filter(|&ms| ms > 0) {
+        spec.timeout = std::time::Duration::from_millis(ms);
+    }
+    spec.expected = expected
+        .and_then(health::parse_expected)
+        .unwrap_or_default();
+    CheckSpec {
+        spec,
+        interval: std::time::Duration::from_secs(
+            interval.unwrap_or(health::DEFAULT_INTERVAL).max(1),
+        ),
+        lazy: lazy.unwrap_or(true),
+    }
+}
+
+fn provider_check(c: &HealthCheckConfig) -> CheckSpec {
+    check_spec(
+        c.url.as_deref(),
+        c.interval,
+        c.timeout,
+        c.lazy,
+        c.expected_status.as_deref(),
+    )
+}
+
+/// Applies a group's keys beyond its members.
+fn configure(group: &mut Group, g: &GroupConfig) {
+    group.hidden = g.hidden;
+    group.icon = g.icon.clone();
+    group.disable_udp = g.disable_udp;
+    group.interrupt = g.interrupt_exist_connections;
+    group.tolerance = g.tolerance.unwrap_or(0).max(0) as u64;
+    group.max_failed_times = g.max_failed_times.unwrap_or(5);
+    group.strategy = match g.strategy.as_deref() {
+        Some("round-robin") => Strategy::RoundRobin,
+        Some("sticky-sessions") => Strategy::StickySessions,
+        _ => Strategy::ConsistentHashing,
+    };
+    if let Some(t) = g.idle_timeout {
+        group.activity = Arc::new(Activity::new(t.duration()));
+    }
+    if let Some(t) = g.affinity_ttl {
+        group.affinity_ttl = t.duration();
+    }
+    if g.kind != GroupKind::Select {
+        group.check = Some(check_spec(
+            g.url.as_deref(),
+            g.interval,
+            g.timeout,
+            g.lazy,
+            g.expected_status.as_deref(),
+        ));
+    }
 }
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -103,7 +199,9 @@ impl Outbounds {
         config: &Config,
         provided: &IndexMap<String, Vec<ProxyConfig>>,
         state_dir: Option<PathBuf>,
+        health: Arc<Health>,
     ) -> Outbounds {
+        health.breakers.configure((&config.circuit_breaker).into());
         let global_opts = SocketOpts {
             mark: config.routing_mark,
             device: config.interface_name.clone(),
@@ -144,6 +242,20 @@ impl Outbounds {
                     .push(p.name.clone());
             }
         }
+        let provider_checks: Vec<ProviderCheck> = config
+            .proxy_providers
+            .iter()
+            .filter(|(_, p)| p.health_check.enable)
+            .map(|(name, p)| ProviderCheck {
+                name: name.clone(),
+                members: from_providers
+                    .get(name.as_str())
+                    .cloned()
+                    .unwrap_or_default(),
+                check: provider_check(&p.health_check),
+                activity: Arc::new(Activity::new(super::group::IDLE_TIMEOUT)),
+            })
+            .collect();
         let group_names: Vec<String> = config.proxy_groups.iter().map(|g| g.name.clone()).collect();
         for g in &config.proxy_groups {
             let mut members: Vec<String> = g.proxies.clone();
@@ -164,8 +276,12 @@ impl Outbounds {
             } else {
                 g.uses.iter().map(String::as_str).collect()
             };
+            let mut activities = Vec::new();
             for p in providers {
                 extra.extend(from_providers.get(p).into_iter().flatten().cloned());
+                if let Some(c) = provider_checks.iter().find(|c| c.name == p) {
+                    activities.push(c.activity.clone());
+                }
             }
             members.extend(extra.into_iter().filter(filtered));
             let mut seen = std::collections::HashSet::new();
@@ -174,10 +290,8 @@ impl Outbounds {
                 members.push("COMPATIBLE".to_owned());
             }
             let mut group = Group::new(g.name.clone(), g.kind, members);
-            group.hidden = g.hidden;
-            group.icon = g.icon.clone();
-            group.test_url = g.url.clone().unwrap_or_default();
-            group.disable_udp = g.disable_udp;
+            configure(&mut group, g);
+            group.providers = activities;
             nodes.insert(g.name.clone(), Node::Group(Arc::new(group)));
         }
         if !nodes.contains_key(GLOBAL) {
@@ -194,6 +308,8 @@ impl Outbounds {
         let outbounds = Outbounds {
             nodes,
             selections: state_dir.map(|d| d.join(SELECTIONS_FILE)),
+            health,
+            provider_checks,
         };
         outbounds.load_selections();
         outbounds
@@ -216,12 +332,22 @@ impl Outbounds {
     }
 
     /// The leaf `name` stands for now, and mihomo's `chains` (leaf first, then each group
-    /// outwards).
+    /// outwards), as the API shows it.
     pub fn resolve(&self, name: &str) -> Result<(Arc<Proxy>, Vec<String>), Error> {
+        self.resolve_for(name, None)
+    }
+
+    /// The leaf a flow described by `pick` goes to through `name`; the groups on the way
+    /// note the use (lazy groups resume their checks).
+    pub fn resolve_for(
+        &self,
+        name: &str,
+        pick: Option<&Pick<'_>>,
+    ) -> Result<(Arc<Proxy>, Vec<String>), Error> {
         let mut chains = Vec::new();
-        let mut current = name;
-        for _ in 0..MAX_DEPTH {
-            match self.nodes.get(current) {
+        let mut current = name.to_owned();
+        for depth in 0..MAX_DEPTH {
+            match self.nodes.get(&current) {
                 Some(Node::Proxy(p)) => {
                     chains.push(p.name.clone());
                     chains.reverse();
@@ -229,12 +355,116 @@ impl Outbounds {
                 }
                 Some(Node::Group(g)) => {
                     chains.push(g.name.clone());
-                    current = g.current().unwrap_or("COMPATIBLE");
+                    if pick.is_some() {
+                        g.touch();
+                    }
+                    current = g
+                        .choose_at(self, pick, depth)
+                        .unwrap_or_else(|| "COMPATIBLE".to_owned());
                 }
-                None => return Err(Error::Unknown(current.to_owned())),
+                None => return Err(Error::Unknown(current)),
             }
         }
         Err(Error::TooDeep(MAX_DEPTH))
+    }
+
+    pub fn health(&self) -> &Arc<Health> {
+        &self.health
+    }
+
+    /// The leaf `name` stands for (itself, or a group's choice), at nesting `depth`.
+    fn leaf_at(&self, name: &str, depth: usize) -> Option<Arc<Proxy>> {
+        if depth >= MAX_DEPTH {
+            return None;
+        }
+        match self.nodes.get(name)? {
+            Node::Proxy(p) => Some(p.clone()),
+            Node::Group(g) => self.leaf_at(&g.choose_at(self, None, depth + 1)?, depth + 1),
+        }
+    }
+
+    /// Whether flows may go to `name`: its last test did not fail and its breaker is closed
+    /// (a group: its choice's).
+    pub fn alive(&self, name: &str) -> bool {
+        self.alive_at(name, 0)
+    }
+
+    pub(super) fn alive_at(&self, name: &str, depth: usize) -> bool {
+        self.leaf_at(name, depth).is_some_and(|leaf| {
+            self.health.history.alive(&leaf.name) && !self.health.breakers.open(&leaf.name)
+        })
+    }
+
+    /// The newest delay of `name` (a group: of its choice).
+    pub fn delay(&self, name: &str) -> Option<u64> {
+        self.delay_at(name, 0)
+    }
+
+    pub(super) fn delay_at(&self, name: &str, depth: usize) -> Option<u64> {
+        let leaf = self.leaf_at(name, depth)?;
+        self.health.history.last(&leaf.name).map(|(_, d)| d)
+    }
+
+    /// Whether UDP flows can go through `name`.
+    pub fn carries_udp(&self, name: &str) -> bool {
+        match self.nodes.get(name) {
+            Some(Node::Proxy(p)) => p.udp(),
+            Some(Node::Group(g)) => !g.disable_udp,
+            None => false,
+        }
+    }
+
+    /// A flow's TCP connection to `target` through `leaf` (reached by `chains`, leaf first),
+    /// reported to the leaf's breaker and figures; the flow holds the [`Active`] while it lasts.
+    pub async fn connect(
+        &self,
+        chains: &[String],
+        leaf: &Proxy,
+        target: &Target,
+    ) -> Result<(Upstream, Active), Error> {
+        let started = std::time::Instant::now();
+        let dialed = self.dial_tcp(leaf, target).await;
+        self.report_dial(chains, dialed.is_ok(), started.elapsed());
+        dialed.map(|u| (u, self.active(&leaf.name)))
+    }
+
+    /// A flow's UDP session, reported like [`Outbounds::connect`].
+    pub async fn open_udp(
+        &self,
+        chains: &[String],
+        leaf: &Proxy,
+        target: &Target,
+    ) -> Result<(UdpSession, Active), Error> {
+        let started = std::time::Instant::now();
+        let opened = self.udp(leaf, target).await;
+        self.report_dial(chains, opened.is_ok(), started.elapsed());
+        opened.map(|u| (u, self.active(&leaf.name)))
+    }
+
+    fn active(&self, leaf: &str) -> Active {
+        Active {
+            health: self.health.clone(),
+            leaf: leaf.to_owned(),
+        }
+    }
+
+    /// A dial through `chains` (leaf first) ended with `ok` after `took`: feeds the leaf's
+    /// breaker and figures, and the groups' `max-failed-times`.
+    fn report_dial(&self, chains: &[String], ok: bool, took: std::time::Duration) {
+        let Some(leaf) = chains.first() else { return };
+        let breakers = &self.health.breakers;
+        breakers.dialed(leaf, ok, took);
+        if ok {
+            breakers.success(leaf);
+            return;
+        }
+        if breakers.failure(leaf) {
+            tracing::warn!("{leaf}: dials keep failing; not used until it recovers");
+            self.health.history.changed();
+        }
+        for g in chains[1..].iter().filter_map(|n| self.group(n)) {
+            g.dial_failed();
+        }
     }
 
     /// Chooses `member` in select group `group` and keeps the choice.
@@ -242,12 +472,27 @@ impl Outbounds {
         let Some(Node::Group(g)) = self.nodes.get(group) else {
             return Err(format!("`{group}` is not a group"));
         };
-        if g.kind != GroupKind::Select {
-            return Err(format!("`{group}` is not a Selector"));
+        if g.kind == GroupKind::LoadBalance {
+            return Err(format!(
+                "`{group}` is a LoadBalance group: it has no choice"
+            ));
         }
         if !g.select(member) {
             return Err(format!("`{member}` is not one of `{group}`'s proxies"));
         }
+        self.save_selections();
+        Ok(())
+    }
+
+    /// Clears a url-test or fallback group's fixed choice (`DELETE /proxies/{group}`).
+    pub fn unfix(&self, group: &str) -> Result<(), String> {
+        let Some(Node::Group(g)) = self.nodes.get(group) else {
+            return Err(format!("`{group}` is not a group"));
+        };
+        if !matches!(g.kind, GroupKind::UrlTest | GroupKind::Fallback) {
+            return Err(format!("`{group}` has no fixed choice to clear"));
+        }
+        g.unfix();
         self.save_selections();
         Ok(())
     }
@@ -265,7 +510,7 @@ impl Outbounds {
         };
         for (group, member) in map {
             if let Some(Node::Group(g)) = self.nodes.get(&group)
-                && g.kind == GroupKind::Select
+                && g.kind != GroupKind::LoadBalance
                 && !g.select(&member)
             {
                 tracing::info!("group {group}: the kept choice {member} is no longer a member");

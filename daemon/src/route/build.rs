@@ -15,7 +15,7 @@ use super::{
 };
 use crate::{
     config::{Behavior, Config, Vehicle},
-    outbound::Outbounds,
+    outbound::{Health, Outbounds},
 };
 
 /// Why a routing could not be built.
@@ -54,9 +54,13 @@ fn parse_all(lines: &[String], key: &str) -> Result<Vec<Rule>, BuildError> {
 }
 
 /// Builds the routing for `config`; files live in (and downloads go to) `dir`.
-pub async fn build(config: &Config, dir: &Path) -> Result<Routing, BuildError> {
+pub async fn build(
+    config: &Config,
+    dir: &Path,
+    health: Arc<Health>,
+) -> Result<Routing, BuildError> {
     // Downloads before the registry is complete go through the configured proxies.
-    let bootstrap = Outbounds::build(config, &IndexMap::new(), None);
+    let bootstrap = Outbounds::build(config, &IndexMap::new(), None, health.clone());
 
     let mut provided = IndexMap::new();
     for (name, p) in &config.proxy_providers {
@@ -136,7 +140,7 @@ pub async fn build(config: &Config, dir: &Path) -> Result<Routing, BuildError> {
     }
     let hits = main.iter().map(|_| Hits::default()).collect();
     let rules = compile(main, "rules")?;
-    let outbounds = Outbounds::build(config, &provided, Some(dir.to_owned()));
+    let outbounds = Outbounds::build(config, &provided, Some(dir.to_owned()), health);
     let proxy_providers = provided
         .into_iter()
         .map(|(name, list)| (name, list.into_iter().map(|p| p.name).collect()))

@@ -102,7 +102,15 @@ pub fn check(config: &Config) -> Result<(), Problem> {
             }
         }
         if let Some(u) = &g.url {
-            url::Url::parse(u).map_err(|e| (key("url"), format!("`{u}`: {e}")))?;
+            test_url(u).map_err(|e| (key("url"), e))?;
+        }
+        if let Some(e) = &g.expected_status
+            && crate::outbound::health::parse_expected(e).is_none()
+        {
+            return Err((
+                key("expected-status"),
+                format!("`{e}` is not `*` or statuses like 204, 200/204, 200-299"),
+            ));
         }
         if g.interval == Some(0) && g.kind != GroupKind::Select {
             return Err((key("interval"), "must be at least 1 second".into()));
@@ -155,6 +163,18 @@ pub fn check(config: &Config) -> Result<(), Problem> {
                 return Err((key("url"), "type: http needs a url".into()));
             }
             _ => {}
+        }
+        let hc = &p.health_check;
+        if let Some(u) = &hc.url {
+            test_url(u).map_err(|e| (key("health-check.url"), e))?;
+        }
+        if let Some(e) = &hc.expected_status
+            && crate::outbound::health::parse_expected(e).is_none()
+        {
+            return Err((
+                key("health-check.expected-status"),
+                format!("`{e}` is not `*` or statuses like 204, 200/204, 200-299"),
+            ));
         }
     }
     let mut sub_names: HashMap<&str, ()> = HashMap::new();
@@ -213,6 +233,17 @@ fn check_rule(
         )),
         None => Ok(()),
     }
+}
+
+/// A health-check URL: http or https, with a host.
+fn test_url(u: &str) -> Result<(), String> {
+    let url = url::Url::parse(u).map_err(|e| format!("`{u}`: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!(
+            "`{u}`: test URLs are http:// or https:// with a host"
+        ));
+    }
+    Ok(())
 }
 
 /// A group that contains itself, directly or through other groups.

@@ -31,7 +31,7 @@ pub use rules::Net;
 
 use crate::{
     config::{Mode, SniffConfig},
-    outbound::{GLOBAL, Outbounds, Proxy},
+    outbound::{GLOBAL, Outbounds, Pick, Proxy, destination_key},
 };
 
 /// Where a flow goes and why.
@@ -81,6 +81,12 @@ pub struct Routing {
     pub sniffer: SniffConfig,
 }
 
+impl AsRef<Outbounds> for Routing {
+    fn as_ref(&self) -> &Outbounds {
+        &self.outbounds
+    }
+}
+
 impl Routing {
     fn env(&self) -> Env<'_> {
         Env {
@@ -106,29 +112,35 @@ impl Routing {
         }
         let Some(i) = found else {
             // Nothing matched: mihomo goes DIRECT with no rule.
-            return self.to("DIRECT", "", String::new());
+            return self.to("DIRECT", "", String::new(), q);
         };
         self.hits[i].hit();
         let rule = &self.rules.rules[i];
         match &rule.sub_rule {
-            None => self.to(&rule.target, rule.kind, rule.payload.clone()),
+            None => self.to(&rule.target, rule.kind, rule.payload.clone(), q),
             Some(list) => {
                 let sub = &self.sub_rules[list];
                 match sub.first(q, env) {
                     Some(j) => {
                         let inner = &sub.rules[j];
-                        self.to(&inner.target, inner.kind, inner.payload.clone())
+                        self.to(&inner.target, inner.kind, inner.payload.clone(), q)
                     }
-                    None => self.to("DIRECT", "", String::new()),
+                    None => self.to("DIRECT", "", String::new(), q),
                 }
             }
         }
     }
 
-    /// The route to outbound `name` for `rule`; an outbound that cannot be resolved (a
-    /// reload removed it) falls back to DIRECT, saying so.
-    fn to(&self, name: &str, rule: &'static str, payload: String) -> Route {
-        let (leaf, chains) = match self.outbounds.resolve(name) {
+    /// The route of flow `q` to outbound `name` for `rule`; an outbound that cannot be
+    /// resolved (a reload removed it) falls back to DIRECT, saying so.
+    fn to(&self, name: &str, rule: &'static str, payload: String, q: &Query<'_>) -> Route {
+        let key = destination_key(q.host, q.destination);
+        let pick = Pick {
+            udp: q.network == Net::Udp,
+            source: q.source.ip(),
+            key: &key,
+        };
+        let (leaf, chains) = match self.outbounds.resolve_for(name, Some(&pick)) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!("route to {name}: {e}; using DIRECT");
@@ -152,13 +164,28 @@ impl Routing {
 pub struct Router {
     mode: Mutex<Mode>,
     routing: ArcSwap<Routing>,
+    /// Stops the health checks of the routing in force.
+    checks: Mutex<tokio_util::sync::CancellationToken>,
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        self.checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cancel();
+    }
 }
 
 impl Router {
+    /// The router for `routing`, its health checks started (on the current Tokio runtime).
     pub fn new(mode: Mode, routing: Routing) -> Arc<Router> {
+        let routing = Arc::new(routing);
+        let checks = crate::outbound::checks::spawn(routing.clone());
         Arc::new(Router {
             mode: Mutex::new(mode),
-            routing: ArcSwap::from_pointee(routing),
+            routing: ArcSwap::new(routing),
+            checks: Mutex::new(checks),
         })
     }
 
@@ -175,9 +202,17 @@ impl Router {
         self.routing.load_full()
     }
 
-    /// Swaps in a new routing (a reload); flows in progress keep theirs.
+    /// Swaps in a new routing (a reload); flows in progress keep theirs, health checks move
+    /// to the new one.
     pub fn replace(&self, routing: Routing) {
-        self.routing.store(Arc::new(routing));
+        let routing = Arc::new(routing);
+        let checks = crate::outbound::checks::spawn(routing.clone());
+        self.routing.store(routing);
+        let old = std::mem::replace(
+            &mut *self.checks.lock().unwrap_or_else(|p| p.into_inner()),
+            checks,
+        );
+        old.cancel();
     }
 
     /// The route for a new flow, and the routing it came from (to dial with).
@@ -185,8 +220,8 @@ impl Router {
         let routing = self.routing();
         let route = match self.mode() {
             Mode::Rule => routing.by_rules(q),
-            Mode::Direct => routing.to("DIRECT", "", String::new()),
-            Mode::Global => routing.to(GLOBAL, "", String::new()),
+            Mode::Direct => routing.to("DIRECT", "", String::new(), q),
+            Mode::Global => routing.to(GLOBAL, "", String::new(), q),
         };
         (route, routing)
     }

@@ -110,7 +110,8 @@ pub fn spawn(
 }
 
 async fn rebuild(router: &Router, config: &Config, dir: &Path, why: &str) {
-    match build(config, dir).await {
+    let health = router.routing().outbounds.health().clone();
+    match build(config, dir, health).await {
         Ok(routing) => {
             router.replace(routing);
             tracing::info!("routing rebuilt: {why} changed");

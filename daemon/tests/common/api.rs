@@ -52,7 +52,9 @@ pub async fn api_with(config: Config) -> Api {
     // Runs as long as the test's runtime: `/traffic` follows it.
     tokio::spawn(sampler);
     let dir = state_dir("api");
-    let routing = route::build(&config, &dir).await.expect("routing");
+    let routing = route::build(&config, &dir, Default::default())
+        .await
+        .expect("routing");
     let pipeline = Arc::new(Pipeline {
         registry: registry.clone(),
         router: route::Router::new(config.mode, routing),

@@ -240,8 +240,11 @@ fn traffic_deltas_add_up_to_the_bytes_moved() {
         |_| {},
         |topo, _gw| {
             let (up, down) = (3_000_000usize, 5_000_000usize);
-            // Watch /traffic while a transfer runs, then a few quiet seconds.
+            // Watch /traffic while a transfer runs, until the totals reach the bytes moved
+            // and three quiet frames followed (a loaded machine may take long: the deadline
+            // only bounds a failure).
             let (start_tx, start_rx) = mpsc::channel::<()>();
+            let (want_up, want_down) = (up as u64, down as u64);
             let watcher = spawn_in(&topo.gateway, move || {
                 tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -253,15 +256,23 @@ fn traffic_deltas_add_up_to_the_bytes_moved() {
                                 .await
                                 .expect("websocket");
                         start_tx.send(()).expect("started");
-                        let mut frames = Vec::new();
-                        let deadline = tokio::time::Instant::now() + Duration::from_secs(7);
+                        let mut frames: Vec<Value> = Vec::new();
+                        let mut quiet_after_totals = 0;
+                        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
                         while let Ok(Some(Ok(msg))) =
                             tokio::time::timeout_at(deadline, ws.next()).await
                         {
-                            if let Ok(v) =
-                                serde_json::from_str::<Value>(msg.to_text().unwrap_or(""))
-                            {
-                                frames.push(v);
+                            let Ok(v) = serde_json::from_str::<Value>(msg.to_text().unwrap_or(""))
+                            else {
+                                continue;
+                            };
+                            let totals = (v["upTotal"].as_u64(), v["downTotal"].as_u64());
+                            frames.push(v);
+                            if totals.0 >= Some(want_up) && totals.1 >= Some(want_down) {
+                                quiet_after_totals += 1;
+                                if quiet_after_totals > 3 {
+                                    break;
+                                }
                             }
                         }
                         frames

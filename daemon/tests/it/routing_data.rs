@@ -284,7 +284,7 @@ fn bad_geodata_is_refused_naming_the_file() {
     ] {
         let config = Config::parse(&format!("rules:\n  - {rule}\n"), "x").expect("config");
         let e = rt
-            .block_on(tpacct::route::build(&config, &dir))
+            .block_on(tpacct::route::build(&config, &dir, Default::default()))
             .expect_err("bad geodata is refused");
         let message = e.to_string();
         assert!(message.contains(file), "{rule}: {message}");

@@ -278,6 +278,8 @@ pub(super) async fn serve(
 ) -> io::Result<()> {
     let mut client = Buffered::new(conn);
     let mut upstream: Option<(Target, Buffered<Upstream>)> = None;
+    // Counts the upstream connection among its leaf's active flows while it is kept.
+    let mut _active: Option<crate::outbound::Active> = None;
     let mut first = true;
     loop {
         let wait = if first { HANDSHAKE_TIMEOUT } else { KEEP_ALIVE };
@@ -344,15 +346,16 @@ pub(super) async fn serve(
         // One upstream connection per host, kept while the client keeps its connection.
         if upstream.as_ref().is_none_or(|(t, _)| *t != target) {
             let dialed = tokio::select! {
-                r = routing.outbounds.dial_tcp(&route.leaf, &target) => r,
+                r = routing.outbounds.connect(&route.chains, &route.leaf, &target) => r,
                 () = flow.close_token().cancelled() => return Ok(()),
             };
             match dialed {
-                Ok(up) => {
+                Ok((up, active)) => {
                     if let Some(a) = up.peer_addr() {
                         flow.set_dialed(a);
                     }
                     upstream = Some((target.clone(), Buffered::new(up)));
+                    _active = Some(active);
                 }
                 Err(e) => {
                     tracing::debug!("{} http → {target}: {e}", flow.id);

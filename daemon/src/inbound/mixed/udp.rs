@@ -30,6 +30,8 @@ const MAX_DESTINATIONS: usize = 256;
 struct Dest {
     flow: Arc<Flow>,
     session: Option<Arc<UdpSession>>,
+    /// Counts the destination among its leaf's active flows.
+    _active: Option<crate::outbound::Active>,
     stop: CancellationToken,
     last: Instant,
 }
@@ -128,18 +130,26 @@ async fn open(
     let target: Target = addr.clone().into();
     let session = match route.leaf.kind {
         Kind::Reject | Kind::RejectDrop | Kind::Pass | Kind::Compatible => None,
-        _ => match routing.outbounds.udp(&route.leaf, &target).await {
-            Ok(s) => {
+        _ => match routing
+            .outbounds
+            .open_udp(&route.chains, &route.leaf, &target)
+            .await
+        {
+            Ok((s, active)) => {
                 if let Some(a) = s.destination() {
                     flow.set_dialed(a);
                 }
-                Some(Arc::new(s))
+                Some((Arc::new(s), active))
             }
             Err(e) => {
                 tracing::debug!("{} socks5 udp → {target}: {e}", flow.id);
                 None
             }
         },
+    };
+    let (session, active) = match session {
+        Some((s, a)) => (Some(s), Some(a)),
+        None => (None, None),
     };
     let stop = CancellationToken::new();
     if let Some(s) = session.clone() {
@@ -177,6 +187,7 @@ async fn open(
     let dest = Dest {
         flow,
         session,
+        _active: active,
         stop,
         last: Instant::now(),
     };
