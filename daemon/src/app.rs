@@ -36,6 +36,8 @@ pub enum Error {
     State(#[from] crate::state::Error),
     #[error("routing: {0}")]
     Routing(#[from] crate::route::BuildError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::Error),
 }
 
 /// A group of tasks stopped together.
@@ -108,6 +110,7 @@ impl App {
             config.secret = Some(secret.value);
         }
         let config = &config;
+        crate::tls::trust(&config.tls.custom_certifactes)?;
         let core = Stage::default();
         let flows = Stage::default();
         // First: accounting moves the process into its cgroup before any socket exists.
@@ -119,7 +122,9 @@ impl App {
         let flows_of = registry.clone();
         let interrupt = move |group: &str, member: &str| {
             let n = flows_of.close_through(group, member);
-            tracing::info!("group {group} left {member}: {n} flows through it closed");
+            if n > 0 {
+                tracing::info!("group {group} left {member}: {n} flows through it closed");
+            }
         };
         let _ = health.on_switch.set(Box::new(interrupt));
         let routing = match crate::route::build(config, &dir, health.clone()).await {

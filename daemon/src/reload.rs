@@ -19,6 +19,8 @@ pub enum Error {
     Config(#[from] config::Error),
     #[error("routing: {0}")]
     Routing(#[from] BuildError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::Error),
     #[error("no config file to reload: tpacctd was started without --config")]
     NoFile,
 }
@@ -136,6 +138,7 @@ impl Reloader {
         if new.secret.is_none() {
             new.secret = old.secret.clone();
         }
+        crate::tls::trust(&new.tls.custom_certifactes)?;
         let health = self.pipeline.router.routing().outbounds.health().clone();
         let routing = route::build(&new, &self.dir, health).await?;
         self.pipeline.router.replace(routing);

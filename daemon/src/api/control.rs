@@ -36,8 +36,14 @@ pub(super) async fn upgrade() -> ApiError {
     )
 }
 
-/// `POST /upgrade/geo`, `POST /configs/geo`: nothing to download while no rule reads geodata.
-pub(super) async fn update_geo() -> StatusCode {
+/// `POST /upgrade/geo`, `POST /configs/geo`: downloads the geodata in use now and rebuilds the
+/// routing when a file changed.
+pub(super) async fn update_geo(State(state): State<Arc<ApiState>>) -> StatusCode {
+    let config = state.reloader.current();
+    let router = &state.pipeline.router;
+    if !crate::route::refresh::geo_now(router, &config, &state.dir).await {
+        tracing::info!("geodata: nothing in use changed");
+    }
     StatusCode::NO_CONTENT
 }
 

@@ -69,7 +69,6 @@ const IGNORED: &[(&str, &str)] = &[
     ),
     ("external-controller-unix", "the controller listens on TCP"),
     ("external-controller-pipe", "the controller listens on TCP"),
-    ("tls", "the controller speaks plain HTTP"),
     ("ntp", "the system clock is used"),
     ("experimental", "no experimental options"),
     ("clash-for-android", "not an Android client"),
@@ -82,10 +81,6 @@ const IGNORED: &[(&str, &str)] = &[
     ("tuic-server", "tpacct is not a TUIC server"),
     ("ss-config", "tpacct is not a Shadowsocks server"),
     ("vmess-config", "tpacct is not a VMess server"),
-    (
-        "lan-allowed-ips",
-        "allow-lan rules arrive with the mixed inbound",
-    ),
 ];
 
 /// Removes the ignored keys from the top of `doc`; returns them with why.

@@ -97,6 +97,9 @@ pub struct Config {
     pub proxy_groups: Vec<GroupConfig>,
     /// tpacct's `circuit-breaker`: when dial and check failures mark an outbound dead.
     pub circuit_breaker: CircuitBreakerConfig,
+    /// mihomo's `tls`: tpacct uses `custom-certifactes` (roots to trust for https health
+    /// checks, providers and TLS proxies); the controller speaks plain HTTP.
+    pub tls: TlsConfig,
     /// mihomo's `proxy-providers`.
     pub proxy_providers: IndexMap<String, ProxyProviderConfig>,
     /// mihomo's `rules`: `TYPE,PAYLOAD,TARGET[,OPTION…]`, first match wins.
@@ -122,6 +125,17 @@ pub struct Config {
     /// The file this config was read from (reloads read it again).
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// `tls:`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The controller's certificate: accepted, unused (it speaks plain HTTP).
+    pub certificate: Option<String>,
+    pub private_key: Option<String>,
+    /// Extra roots (PEM text or a file), spelled as mihomo spells it.
+    pub custom_certifactes: Vec<String>,
 }
 
 /// `external-controller-cors:`.
@@ -180,6 +194,7 @@ impl Default for Config {
             proxies: Vec::new(),
             proxy_groups: Vec::new(),
             circuit_breaker: CircuitBreakerConfig::default(),
+            tls: TlsConfig::default(),
             proxy_providers: IndexMap::new(),
             // Without `rules:`, everything goes DIRECT by the `Match` rule.
             rules: vec!["MATCH,DIRECT".to_owned()],
@@ -379,6 +394,15 @@ impl Config {
             }
         }
         crate::route::check::check(self).map_err(|(key, message)| invalid(&key, message))?;
+        if let Err(e) = crate::tls::parse(&self.tls.custom_certifactes) {
+            let i = match e {
+                crate::tls::Error::NoCertificate(i) | crate::tls::Error::Rejected(i, _) => i,
+            };
+            return Err(invalid(
+                &format!("tls.custom-certifactes[{i}]"),
+                e.to_string(),
+            ));
+        }
         for (i, entry) in self.authentication.iter().enumerate() {
             if !entry.contains(':') {
                 return Err(invalid(

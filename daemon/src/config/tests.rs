@@ -224,6 +224,26 @@ fn routing_mistakes_name_their_key_and_line() {
         ),
         ("geodata-mode: true\n", "geodata-mode", 1),
         (
+            "proxy-groups:\n  - name: A\n    type: url-test\n    proxies: [DIRECT]\n    url: ftp://x/\n",
+            "proxy-groups[0].url",
+            5,
+        ),
+        (
+            "proxy-groups:\n  - name: A\n    type: fallback\n    proxies: [DIRECT]\n    expected-status: 2xx\n",
+            "proxy-groups[0].expected-status",
+            5,
+        ),
+        (
+            "proxy-groups:\n  - {name: A, type: url-test, proxies: [B]}\n  - {name: B, type: fallback, proxies: [C]}\n  - {name: C, type: load-balance, proxies: [A]}\n",
+            "proxy-groups[0].proxies",
+            2,
+        ),
+        (
+            "tls:\n  custom-certifactes:\n    - not a certificate\n",
+            "tls.custom-certifactes[0]",
+            3,
+        ),
+        (
             "sub-rules:\n  s:\n    - DOMAIN,a,nowhere\nrules:\n  - SUB-RULE,(NETWORK,tcp),s\n",
             "sub-rules.s[0]",
             3,
@@ -233,4 +253,33 @@ fn routing_mistakes_name_their_key_and_line() {
         assert_eq!(e.key(), Some(key), "{text}: {e}");
         assert_eq!(e.line(), Some(line), "{text}: {e}");
     }
+}
+
+#[test]
+fn health_keys_parse_with_mihomos_names() {
+    let c = Config::parse(
+        "lan-allowed-ips: [192.168.0.0/16]\n\
+         circuit-breaker: {max-failures: 2, recovery-time: 5}\n\
+         proxy-groups:\n  - {name: A, type: url-test, proxies: [DIRECT], tolerance: 50, \
+         interval: 60, lazy: false, idle-timeout: 90, expected-status: 200/204}\n",
+        "test",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        c.lan_allowed_ips,
+        vec!["192.168.0.0/16".parse().expect("net")]
+    );
+    assert_eq!(
+        (
+            c.circuit_breaker.max_failures.0,
+            c.circuit_breaker.recovery_time.0
+        ),
+        (2, 5)
+    );
+    assert_eq!(c.circuit_breaker.failure_window.0, 300, "default");
+    let g = &c.proxy_groups[0];
+    assert_eq!(
+        (g.tolerance, g.lazy, g.idle_timeout.map(|t| t.0)),
+        (Some(50), Some(false), Some(90))
+    );
 }

@@ -109,6 +109,18 @@ pub fn spawn(
     }
 }
 
+/// Downloads the geodata the routing uses from `geox-url` now (`POST /configs/geo`) and
+/// rebuilds the routing if a file changed; false if nothing was downloaded.
+pub async fn geo_now(router: &Router, config: &Config, dir: &Path) -> bool {
+    let routing = router.routing();
+    let (ip, site) = routing.geo.in_use();
+    let changed = geo_update::update(config, dir, ip, site, &routing.outbounds).await;
+    if changed {
+        rebuild(router, config, dir, "geodata").await;
+    }
+    changed
+}
+
 async fn rebuild(router: &Router, config: &Config, dir: &Path, why: &str) {
     let health = router.routing().outbounds.health().clone();
     match build(config, dir, health).await {

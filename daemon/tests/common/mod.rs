@@ -8,6 +8,7 @@
 pub mod api;
 pub mod daemon;
 pub mod harness;
+pub mod probe;
 pub mod topo;
 pub mod upstreams;
 

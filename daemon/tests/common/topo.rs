@@ -139,7 +139,7 @@ impl Gateway {
     pub fn start(topo: &Topology, config: Config) -> Gateway {
         // Daemon logs on request only (they bypass the test harness's output capture).
         if std::env::var_os("RUST_LOG").is_some() {
-            tpacct::logging::init(tpacct::config::LogLevel::Info);
+            tpacct::logging::init(tpacct::config::LogLevel::Debug);
         }
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -248,6 +248,8 @@ pub fn routing_from_yaml(config: &mut Config, text: &str) {
     config.sub_rules = parsed.sub_rules;
     config.geox_url = parsed.geox_url;
     config.geo_auto_update = parsed.geo_auto_update;
+    config.circuit_breaker = parsed.circuit_breaker;
+    config.tls = parsed.tls;
     if text.contains("sniffer:") {
         config.sniffer = parsed.sniffer;
     }

@@ -39,7 +39,7 @@ impl Drop for Procs {
             let _ = c.wait();
         }
         for f in &self.1 {
-            let _ = std::fs::remove_file(f);
+            let _ = std::fs::remove_file(f).or_else(|_| std::fs::remove_dir_all(f));
         }
     }
 }
@@ -166,7 +166,7 @@ pub fn start(ns: &Netns) -> Procs {
             .spawn()
             .expect("pproxy (PyPI)"),
     );
-    let procs = Procs(children, vec![dante, tiny]);
+    let procs = Procs(children, vec![dante, tiny, dir]);
     for port in [DANTE_PORT, MICROSOCKS_PORT, TINYPROXY_PORT, PPROXY_PORT] {
         wait_listening(ns, SocketAddr::new(PROXY_IP.parse().expect("ip"), port));
     }

@@ -13,6 +13,8 @@ mod api_ws;
 mod churn;
 mod cli;
 mod firewall;
+mod groups;
+mod groups_checks;
 mod mixed;
 mod ring_full;
 mod routing;
@@ -38,6 +40,8 @@ fn main() {
         churn::tests(),
         cli::tests(),
         firewall::tests(),
+        groups::tests(),
+        groups_checks::tests(),
         mixed::tests(),
         ring_full::tests(),
         routing::tests(),

@@ -174,6 +174,14 @@ rules:
                 3,
                 "geoip, geosite, remote"
             );
+            // POST /configs/geo downloads the geodata in use again, now.
+            let (status, _) = crate::common::topo::http_with(topo, "POST", "/configs/geo", "");
+            assert_eq!(status, 204);
+            assert_eq!(
+                served.load(std::sync::atomic::Ordering::Relaxed),
+                5,
+                "geoip and geosite fetched again"
+            );
 
             crate::common::run(&[
                 "ip",
