@@ -62,6 +62,11 @@ impl Probe {
         self.in_flight.load(Ordering::SeqCst)
     }
 
+    /// Holds answers again until the next [`Probe::release`].
+    pub fn hold(&self) {
+        *self.open.lock().expect("open") = false;
+    }
+
     /// Lets held answers (and all later ones) go.
     pub fn release(&self) {
         *self.open.lock().expect("open") = true;

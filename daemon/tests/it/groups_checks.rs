@@ -78,6 +78,32 @@ fn ten_tests_at_once_across_every_group() {
                 v["history"].as_array().is_some_and(|h| !h.is_empty())
             });
             assert_eq!(v["alive"], true);
+
+            // GET /group/{name}/delay tests every member at once, within the same bound.
+            probe.hold();
+            let path = "/group/G2/delay?url=http%3A%2F%2F10.91.2.2%3A8204%2Ft&timeout=30000";
+            let asked = {
+                let topo_gateway = topo.gateway.name.clone();
+                std::thread::spawn(move || {
+                    let out = std::process::Command::new("ip")
+                        .args(["netns", "exec", &topo_gateway, "curl", "-s"])
+                        .arg(format!("http://{}{path}", crate::common::topo::API))
+                        .output()
+                        .expect("curl");
+                    serde_json::from_slice::<Value>(&out.stdout).expect("json")
+                })
+            };
+            probe.wait(20, "ten group tests held", |p| p.in_flight() == 10);
+            probe.release();
+            let delays = asked.join().expect("group delay");
+            assert_eq!(delays.as_object().map(|m| m.len()), Some(20), "{delays}");
+            assert_eq!(
+                probe
+                    .max_in_flight
+                    .load(std::sync::atomic::Ordering::SeqCst),
+                10,
+                "the API's group test keeps the bound too"
+            );
         },
     );
 }
