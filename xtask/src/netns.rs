@@ -87,6 +87,11 @@ impl Topology {
         Ok(topo)
     }
 
+    /// The gateway's address on the client's side.
+    pub fn gateway_lan_ip(&self) -> String {
+        format!("10.{}.1.1", self.net)
+    }
+
     /// The server's address.
     pub fn server_ip(&self) -> String {
         format!("10.{}.2.2", self.net)

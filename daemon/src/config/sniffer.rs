@@ -131,6 +131,7 @@ impl SniffConfig {
             http: http.is_some(),
             override_destination,
             timeout: Duration::from_millis(self.timeout.0),
+            forced: false,
         })
     }
 }
@@ -142,6 +143,8 @@ pub struct TcpSniff {
     pub http: bool,
     pub override_destination: bool,
     pub timeout: Duration,
+    /// The flow's host is in `force-domain` (its failures are not counted).
+    pub forced: bool,
 }
 
 impl Sniffer {

@@ -19,12 +19,17 @@ use crate::{
     outbound::{self, Kind, Target, Upstream},
     registry::Registry,
     relay,
-    route::{Net, Query, Route, Router, Routing, dnsmap::DnsMap, sets::DomainPattern},
+    route::{
+        Net, Query, Route, Router, Routing,
+        dnsmap::{DnsMap, TcpAnswers},
+    },
     sniff::{self, Sniffed},
 };
 
 /// How long REJECT-DROP holds a connection before closing it.
 const DROP_HOLD: Duration = Duration::from_secs(30);
+/// TCP flows to this port carry DNS (their answers are learned like UDP ones).
+const DNS_PORT: u16 = 53;
 
 /// Finishes its flow when dropped (spawning the wait for the final totals).
 #[derive(Debug)]
@@ -134,7 +139,16 @@ impl Pipeline {
             answered = true;
         }
         let sniffed = match sniffing {
-            Some(s) => sniff_client(&client, &flow, s).await,
+            Some(s) => {
+                let found = sniff_client(&client, &flow, s).await;
+                if !s.forced
+                    && let Some(to) = failing_key(&flow)
+                {
+                    routing.sniffer.record(to, found.is_some());
+                }
+                // mihomo ignores a sniffed name in `skip-domain` as if none was found.
+                found.filter(|(h, _)| !routing.sniff_skipped(h))
+            }
             None => None,
         };
         self.name(
@@ -250,9 +264,20 @@ impl Pipeline {
                 t.upload + t.download
             },
         };
-        let end = match upstream {
-            Upstream::Tcp(up) => relay::tcp(&client, &up, opts).await,
-            Upstream::Boxed(mut up) => relay::copy(&mut client, &mut up, opts).await,
+        // DNS over TCP is copied through user space so its answers can name later flows.
+        let dns =
+            (flow.meta.destination_port == DNS_PORT).then(|| TcpAnswers::new(self.dns.clone()));
+        let end = match (upstream, dns) {
+            (Upstream::Tcp(up), None) => relay::tcp(&client, &up, opts).await,
+            (Upstream::Tcp(up), Some(mut answers)) => {
+                let mut up = relay::Tap::new(up, |b: &[u8]| answers.feed(b));
+                relay::copy(&mut client, &mut up, opts).await
+            }
+            (Upstream::Boxed(mut up), None) => relay::copy(&mut client, &mut up, opts).await,
+            (Upstream::Boxed(up), Some(mut answers)) => {
+                let mut up = relay::Tap::new(up, |b: &[u8]| answers.feed(b));
+                relay::copy(&mut client, &mut up, opts).await
+            }
         };
         tracing::debug!(
             "{} {} → {}: {end:?}",
@@ -265,14 +290,15 @@ impl Pipeline {
     /// Which sniffers look at this flow (mihomo's rules for when to sniff).
     fn sniffing(&self, flow: &Flow, routing: &Routing) -> Option<TcpSniff> {
         let sniffer = &routing.sniffer;
-        let s = sniffer.tcp_sniffers(flow.meta.destination_port)?;
+        let config = &sniffer.config;
+        let s = config.tcp_sniffers(flow.meta.destination_port)?;
         let ip_in =
             |nets: &[ipnet::IpNet], ip: std::net::IpAddr| nets.iter().any(|n| n.contains(&ip));
         if flow
             .meta
             .destination_ip
-            .is_some_and(|ip| ip_in(&sniffer.skip_dst_address, ip))
-            || ip_in(&sniffer.skip_src_address, flow.meta.source.ip())
+            .is_some_and(|ip| ip_in(&config.skip_dst_address, ip))
+            || ip_in(&config.skip_src_address, flow.meta.source.ip())
         {
             return None;
         }
@@ -284,11 +310,14 @@ impl Pipeline {
             .meta
             .host
             .as_deref()
-            .is_some_and(|h| domain_in(&sniffer.force_domain, h));
-        let wanted = (flow.meta.host.is_none() && !mapped && sniffer.parse_pure_ip)
-            || (mapped && sniffer.force_dns_mapping)
+            .is_some_and(|h| routing.sniff_forced(h));
+        let wanted = (flow.meta.host.is_none() && !mapped && config.parse_pure_ip)
+            || (mapped && config.force_dns_mapping)
             || forced;
-        wanted.then_some(s)
+        // A destination whose first bytes never told a name lately (a server-first protocol
+        // on a sniffed port) is not waited on again, unless forced.
+        let failing = !forced && failing_key(flow).is_some_and(|to| sniffer.failing(to));
+        (wanted && !failing).then_some(TcpSniff { forced, ..s })
     }
 
     /// Sets the flow's host: the sniffed name when it overrides, else a name the DNS answers
@@ -309,14 +338,9 @@ fn chain(route: &Route) -> String {
     route.chains.join(" < ")
 }
 
-/// Whether `host` matches one of mihomo's domain patterns in `patterns`.
-fn domain_in(patterns: &[String], host: &str) -> bool {
-    let mut b = crate::route::sets::DomainSetBuilder::default();
-    patterns
-        .iter()
-        .filter_map(|p| DomainPattern::from_entry(p))
-        .for_each(|p| b.add(p, 0));
-    b.build().is_ok_and(|s| s.first(host).is_some())
+/// The destination whose sniffing failures are counted (mihomo's: the original address).
+fn failing_key(flow: &Flow) -> Option<(std::net::IpAddr, u16)> {
+    Some((flow.meta.destination_ip?, flow.meta.destination_port))
 }
 
 /// The query rules see for `flow`.

@@ -27,8 +27,16 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(1800);
 pub struct Pick<'a> {
     pub udp: bool,
     pub source: IpAddr,
+    /// The flow's name and address, for [`Pick::key`] (made only for load-balance groups).
+    pub host: Option<&'a str>,
+    pub destination: Option<IpAddr>,
+}
+
+impl Pick<'_> {
     /// The destination key: the registrable domain of its name, else its address.
-    pub key: &'a str,
+    pub fn key(&self) -> String {
+        destination_key(self.host, self.destination)
+    }
 }
 
 /// `load-balance` strategies.
@@ -249,7 +257,8 @@ impl Group {
                     self.all_dead();
                     return first;
                 }
-                let key = pick.map_or("", |p| p.key);
+                let key = pick.map(|p| p.key()).unwrap_or_default();
+                let key = key.as_str();
                 match self.strategy {
                     Strategy::RoundRobin => {
                         let i = self.round_robin.fetch_add(1, Ordering::Relaxed);

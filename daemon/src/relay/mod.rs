@@ -4,8 +4,10 @@
 
 mod copy;
 mod splice;
+mod tap;
 
 pub use copy::copy;
+pub use tap::Tap;
 
 use std::{io, time::Duration};
 

@@ -115,6 +115,11 @@ pub async fn build(
         &mut sites,
         &mut needs_ip,
     );
+    for name in super::sniffing::Sniffing::geosites(&config.sniffer) {
+        if !sites.contains(&name) {
+            sites.push(name);
+        }
+    }
     if config.geo_auto_update {
         super::geo_update::ensure(config, dir, needs_ip, !sites.is_empty(), &bootstrap).await;
     }
@@ -145,6 +150,9 @@ pub async fn build(
         .into_iter()
         .map(|(name, list)| (name, list.into_iter().map(|p| p.name).collect()))
         .collect();
+    let sniffer =
+        super::sniffing::Sniffing::new(&config.sniffer, &|n| config.rule_providers.contains_key(n))
+            .map_err(|(key, message)| BuildError::Config { key, message })?;
     Ok(Routing {
         outbounds,
         rules,
@@ -154,6 +162,6 @@ pub async fn build(
         rule_providers,
         proxy_providers,
         geo,
-        sniffer: config.sniffer.clone(),
+        sniffer,
     })
 }

@@ -187,6 +187,7 @@ pub fn check(config: &Config) -> Result<(), Problem> {
     for (i, line) in config.rules.iter().enumerate() {
         check_rule(config, &names, &format!("rules[{i}]"), line)?;
     }
+    super::sniffing::Sniffing::new(&config.sniffer, &|n| config.rule_providers.contains_key(n))?;
     if config.geodata_mode {
         return Err((
             "geodata-mode".into(),

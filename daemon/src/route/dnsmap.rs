@@ -44,9 +44,10 @@ impl DnsMap {
 
     /// Records the addresses a DNS response gives for its question; returns how many.
     pub fn learn(&self, response: &[u8]) -> usize {
-        let Ok(msg) = Message::from_vec(response) else {
-            return 0;
-        };
+        Message::from_vec(response).map_or(0, |msg| self.learn_message(&msg))
+    }
+
+    fn learn_message(&self, msg: &Message) -> usize {
         if msg.message_type() != MessageType::Response {
             return 0;
         }
@@ -104,6 +105,56 @@ impl DnsMap {
     }
 }
 
+/// DNS over TCP as it passes to the client: 2-byte length-prefixed answers, each learned
+/// when complete. Buffers at most one message (64 KiB); a stream that does not frame as DNS
+/// stops being looked at.
+#[derive(Debug)]
+pub struct TcpAnswers {
+    map: std::sync::Arc<DnsMap>,
+    buf: Vec<u8>,
+    broken: bool,
+}
+
+impl TcpAnswers {
+    pub fn new(map: std::sync::Arc<DnsMap>) -> TcpAnswers {
+        TcpAnswers {
+            map,
+            buf: Vec::new(),
+            broken: false,
+        }
+    }
+
+    /// Takes the next bytes the server sent.
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !self.broken && !bytes.is_empty() {
+            let want = match self.buf.get(..2) {
+                Some(&[hi, lo]) => 2 + usize::from(u16::from_be_bytes([hi, lo])),
+                _ => 2,
+            };
+            let take = (want - self.buf.len()).min(bytes.len());
+            self.buf.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.buf.len() == 2 && want == 2 {
+                // The length is known now; a zero-length message is not DNS.
+                self.broken = self.buf == [0, 0];
+                continue;
+            }
+            if self.buf.len() == want {
+                match Message::from_vec(&self.buf[2..]) {
+                    Ok(msg) => {
+                        self.map.learn_message(&msg);
+                    }
+                    Err(_) => self.broken = true,
+                }
+                self.buf.clear();
+            }
+        }
+        if self.broken {
+            self.buf = Vec::new();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::str::FromStr;
@@ -146,6 +197,39 @@ mod tests {
         );
         assert_eq!(map.name("203.0.113.9".parse().expect("ip")), None);
         assert_eq!(map.learn(b"not dns"), 0);
+    }
+
+    #[test]
+    fn tcp_answers_are_learned_across_any_split_and_junk_stops_the_parser() {
+        let map = std::sync::Arc::new(DnsMap::default());
+        let mut stream = Vec::new();
+        for (name, ip) in [("one.test.", [10, 0, 0, 1]), ("two.test.", [10, 0, 0, 2])] {
+            let msg = response(name, &[ip]);
+            stream.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+            stream.extend_from_slice(&msg);
+        }
+        for split in [1, 2, 3, 7, stream.len()] {
+            map.clear();
+            let mut answers = TcpAnswers::new(map.clone());
+            stream.chunks(split).for_each(|c| answers.feed(c));
+            assert_eq!(
+                map.name("10.0.0.1".parse().expect("ip")),
+                Some("one.test".into())
+            );
+            assert_eq!(
+                map.name("10.0.0.2".parse().expect("ip")),
+                Some("two.test".into())
+            );
+        }
+        map.clear();
+        let mut answers = TcpAnswers::new(map.clone());
+        answers.feed(b"\x00\x05hello");
+        answers.feed(&stream);
+        assert!(
+            map.is_empty(),
+            "nothing is learned after a message that is not DNS"
+        );
+        assert!(answers.buf.capacity() == 0);
     }
 
     #[test]

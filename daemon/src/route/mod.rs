@@ -13,6 +13,7 @@ pub mod providers;
 pub mod refresh;
 pub mod rules;
 pub mod sets;
+pub mod sniffing;
 
 use std::{
     collections::HashMap,
@@ -30,8 +31,8 @@ pub use engine::{Env, Query, RuleSets};
 pub use rules::Net;
 
 use crate::{
-    config::{Mode, SniffConfig},
-    outbound::{GLOBAL, Outbounds, Pick, Proxy, destination_key},
+    config::Mode,
+    outbound::{GLOBAL, Outbounds, Pick, Proxy},
 };
 
 /// Where a flow goes and why.
@@ -78,7 +79,7 @@ pub struct Routing {
     /// Proxy providers: name → the proxies they supplied.
     pub proxy_providers: indexmap::IndexMap<String, Vec<String>>,
     pub geo: geo::Geo,
-    pub sniffer: SniffConfig,
+    pub sniffer: sniffing::Sniffing,
 }
 
 impl AsRef<Outbounds> for Routing {
@@ -88,6 +89,16 @@ impl AsRef<Outbounds> for Routing {
 }
 
 impl Routing {
+    /// Whether a flow that has `host` is sniffed anyway (`sniffer.force-domain`).
+    pub fn sniff_forced(&self, host: &str) -> bool {
+        self.sniffer.forced(host, self.env())
+    }
+
+    /// Whether a sniffed `host` is ignored (`sniffer.skip-domain`).
+    pub fn sniff_skipped(&self, host: &str) -> bool {
+        self.sniffer.skipped(host, self.env())
+    }
+
     fn env(&self) -> Env<'_> {
         Env {
             geo: &self.geo,
@@ -134,11 +145,11 @@ impl Routing {
     /// The route of flow `q` to outbound `name` for `rule`; an outbound that cannot be
     /// resolved (a reload removed it) falls back to DIRECT, saying so.
     fn to(&self, name: &str, rule: &'static str, payload: String, q: &Query<'_>) -> Route {
-        let key = destination_key(q.host, q.destination);
         let pick = Pick {
             udp: q.network == Net::Udp,
             source: q.source.ip(),
-            key: &key,
+            host: q.host,
+            destination: q.destination,
         };
         let (leaf, chains) = match self.outbounds.resolve_for(name, Some(&pick)) {
             Ok(r) => r,

@@ -4,7 +4,11 @@
 //! position); a lookup returns the smallest rank that matches, so first-match order survives
 //! compilation.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::net::IpAddr;
+
+/// Hash maps keyed by names and addresses from the config, looked up per flow: foldhash (the
+/// hasher hashbrown picked for speed, seeded per process) instead of SipHash.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use aho_corasick::AhoCorasick;
 use ipnet::IpNet;
@@ -56,19 +60,21 @@ impl DomainPattern {
     }
 }
 
-fn keep_min(map: &mut HashMap<String, u32>, key: String, rank: u32) {
-    map.entry(key)
-        .and_modify(|r| *r = (*r).min(rank))
-        .or_insert(rank);
-}
+/// The ranks one name carries, per kind of pattern (`NONE` where it has none): one lookup per
+/// label boundary answers every kind at once.
+#[derive(Debug, Clone, Copy)]
+struct Ranks([u32; 4]);
+
+const NONE: u32 = u32::MAX;
+const EXACT: usize = 0;
+const SUFFIX: usize = 1;
+const SUBDOMAINS: usize = 2;
+const ONE_LEVEL: usize = 3;
 
 /// Domains with ranks; built once, queried per flow.
 #[derive(Debug, Default)]
 pub struct DomainSet {
-    exact: HashMap<String, u32>,
-    suffix: HashMap<String, u32>,
-    subdomains: HashMap<String, u32>,
-    one_level: HashMap<String, u32>,
+    names: HashMap<compact_str::CompactString, Ranks>,
     keywords: Option<(AhoCorasick, Vec<u32>)>,
     regexes: Option<(RegexSet, Vec<u32>)>,
     len: usize,
@@ -86,14 +92,19 @@ impl DomainSetBuilder {
     pub fn add(&mut self, pattern: DomainPattern, rank: u32) {
         let s = &mut self.set;
         s.len += 1;
-        match pattern {
-            DomainPattern::Exact(d) => keep_min(&mut s.exact, d, rank),
-            DomainPattern::Suffix(d) => keep_min(&mut s.suffix, d, rank),
-            DomainPattern::Subdomains(d) => keep_min(&mut s.subdomains, d, rank),
-            DomainPattern::OneLevel(d) => keep_min(&mut s.one_level, d, rank),
-            DomainPattern::Keyword(k) => self.keywords.push((k, rank)),
-            DomainPattern::Regex(r) => self.regexes.push((r, rank)),
-        }
+        let (name, kind) = match pattern {
+            DomainPattern::Exact(d) => (d, EXACT),
+            DomainPattern::Suffix(d) => (d, SUFFIX),
+            DomainPattern::Subdomains(d) => (d, SUBDOMAINS),
+            DomainPattern::OneLevel(d) => (d, ONE_LEVEL),
+            DomainPattern::Keyword(k) => return self.keywords.push((k, rank)),
+            DomainPattern::Regex(r) => return self.regexes.push((r, rank)),
+        };
+        let ranks = s
+            .names
+            .entry(compact_str::CompactString::from(name))
+            .or_insert(Ranks([NONE; 4]));
+        ranks.0[kind] = ranks.0[kind].min(rank);
     }
 
     /// Builds the set; a regex that does not compile is an error naming it.
@@ -129,37 +140,37 @@ impl DomainSet {
 
     /// The smallest rank among entries matching `host` (lower-case, no trailing dot).
     pub fn first(&self, host: &str) -> Option<u32> {
-        let mut best: Option<u32> = None;
-        let mut take = |r: Option<&u32>| {
-            if let Some(&r) = r {
-                best = Some(best.map_or(r, |b| b.min(r)));
-            }
-        };
-        take(self.exact.get(host));
-        take(self.suffix.get(host));
+        let mut best = NONE;
+        let mut take = |r: u32| best = best.min(r);
+        if let Some(r) = self.names.get(host) {
+            take(r.0[EXACT]);
+            take(r.0[SUFFIX]);
+        }
         // Each proper parent: `a.b.c` → `b.c`, `c`.
         let mut first_parent = true;
         let mut rest = host;
         while let Some((_, parent)) = rest.split_once('.') {
-            take(self.suffix.get(parent));
-            take(self.subdomains.get(parent));
-            if first_parent {
-                take(self.one_level.get(parent));
-                first_parent = false;
+            if let Some(r) = self.names.get(parent) {
+                take(r.0[SUFFIX]);
+                take(r.0[SUBDOMAINS]);
+                if first_parent {
+                    take(r.0[ONE_LEVEL]);
+                }
             }
+            first_parent = false;
             rest = parent;
         }
         if let Some((ac, ranks)) = &self.keywords {
             for m in ac.find_overlapping_iter(host) {
-                take(Some(&ranks[m.pattern().as_usize()]));
+                take(ranks[m.pattern().as_usize()]);
             }
         }
         if let Some((set, ranks)) = &self.regexes {
             for i in set.matches(host).iter() {
-                take(Some(&ranks[i]));
+                take(ranks[i]);
             }
         }
-        best
+        (best != NONE).then_some(best)
     }
 }
 
@@ -197,7 +208,7 @@ impl CidrSet {
                 let slot = match self.v4.iter().position(|(l, _)| *l == len) {
                     Some(i) => &mut self.v4[i].1,
                     None => {
-                        self.v4.push((len, HashMap::new()));
+                        self.v4.push((len, HashMap::default()));
                         let last = self.v4.len() - 1;
                         &mut self.v4[last].1
                     }
@@ -212,7 +223,7 @@ impl CidrSet {
                 let slot = match self.v6.iter().position(|(l, _)| *l == len) {
                     Some(i) => &mut self.v6[i].1,
                     None => {
-                        self.v6.push((len, HashMap::new()));
+                        self.v6.push((len, HashMap::default()));
                         let last = self.v6.len() - 1;
                         &mut self.v6[last].1
                     }

@@ -20,6 +20,7 @@ mod ring_full;
 mod routing;
 mod routing_data;
 mod routing_reload;
+mod sniffing;
 mod tcp_live;
 mod tcp_totals;
 mod tproxy_bind;
@@ -47,6 +48,7 @@ fn main() {
         routing::tests(),
         routing_data::tests(),
         routing_reload::tests(),
+        sniffing::tests(),
         tcp_live::tests(),
         tcp_totals::tests(),
         tproxy_bind::tests(),

