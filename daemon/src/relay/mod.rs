@@ -140,7 +140,19 @@ async fn pump(
     read_meter: &Meter,
     write_meter: &Meter,
 ) -> Result<(), PumpError> {
-    src.readable().await.map_err(PumpError::Read)?;
+    // Readiness can be reported with nothing to read (seen with thousands of idle
+    // connections held at once): the pipe is made only once a byte or the end is there.
+    loop {
+        src.readable().await.map_err(PumpError::Read)?;
+        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
+        match src.try_io(Interest::READABLE, || SockRef::from(src).peek(&mut byte)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(PumpError::Read(e)),
+            Ok(0) => return Ok(()),
+            Ok(_) => break,
+        }
+    }
     let pipe = Pipe::new().map_err(PumpError::Read)?;
     loop {
         let n = loop {

@@ -1,5 +1,6 @@
 //! 1,000 concurrent connections through TPROXY, then all closed: the registry and the
-//! process's open descriptors return to where they were.
+//! process's open descriptors return to where they were. 3,000 idle connections hold two
+//! sockets each and no pipe.
 
 use std::time::{Duration, Instant};
 
@@ -95,6 +96,58 @@ fn thousand_concurrent_connections_then_baseline() {
     );
 }
 
+/// Pipes this process holds.
+fn pipes() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|l| l.to_string_lossy().starts_with("pipe:"))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn idle_connections_hold_no_pipes() {
+    const IDLE: usize = 3000;
+    with_gateway(
+        "idle-pipes",
+        AccountingMode::Ebpf,
+        |_| {},
+        |topo, gw| {
+            let before = pipes();
+            let target = socket(SERVER4, 6001);
+            let (accepted_tx, accepted_rx) = std::sync::mpsc::channel();
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let server = spawn_in(&topo.server, move || {
+                let listener = std::net::TcpListener::bind(target).expect("bind");
+                ready_tx.send(()).expect("ready");
+                let held: Vec<_> = (0..IDLE)
+                    .map(|_| listener.accept().expect("accept").0)
+                    .collect();
+                accepted_tx.send(held).expect("accepted");
+            });
+            ready_rx.recv().expect("server ready");
+            let client = crate::common::topo::Topology::run_in(&topo.client, move || {
+                (0..IDLE)
+                    .map(|_| std::net::TcpStream::connect(target).expect("connect"))
+                    .collect::<Vec<_>>()
+            });
+            let held = accepted_rx.recv().expect("all accepted upstream");
+            server.join().expect("server");
+            gw.wait_until(10, "the idle flows", |r| r.live_count() == IDLE);
+            let during = pipes();
+            eprintln!("pipes: {before} before, {during} with {IDLE} idle connections");
+            assert!(during <= before + 4, "{during} pipes for idle connections");
+            drop((client, held));
+            gw.wait_until(20, "every flow to finish", |r| r.live_count() == 0);
+        },
+    );
+}
+
 crate::tests![
     root thousand_concurrent_connections_then_baseline,
+    root idle_connections_hold_no_pipes,
 ];

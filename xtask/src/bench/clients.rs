@@ -178,8 +178,14 @@ pub fn client_main(kind: &str, addr: &str, arg: &str) -> Result<()> {
         }
         "hold" => {
             let mut held = Vec::with_capacity(n as usize);
+            // A gateway out of descriptors leaves connects hanging: stop at the first that
+            // does not complete in 5 s and report how many are held.
+            let target: std::net::SocketAddr = addr.parse()?;
             for _ in 0..n {
-                held.push(TcpStream::connect(addr)?);
+                match TcpStream::connect_timeout(&target, Duration::from_secs(5)) {
+                    Ok(c) => held.push(c),
+                    Err(_) => break,
+                }
             }
             println!("{}", held.len());
             std::io::stdout().flush()?;

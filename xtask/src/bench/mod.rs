@@ -140,7 +140,14 @@ pub fn run(daemon: &Path, quick: bool) -> Result<()> {
             }
             eprintln!("bench: round {round}/{}: {}", d.rounds, who.label());
             match start(who, &topo, daemon, &out_dir) {
-                Ok(gateway) => measure(who, &topo, &me, &d, gateway.pid, &mut samples)?,
+                Ok(gateway) => match measure(who, &topo, &me, &d, gateway.pid, &mut samples) {
+                    Ok(()) => {}
+                    Err(e) if who.is_tpacct() => return Err(e.context(who.label())),
+                    Err(e) => {
+                        eprintln!("bench: {} failed a workload: {e:#}", who.label());
+                        unavailable.insert(who, format!("{e:#}"));
+                    }
+                },
                 Err(e) if who.is_tpacct() => {
                     return Err(e.context(format!("{} failed to start", who.label())));
                 }
