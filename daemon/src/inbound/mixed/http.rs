@@ -238,23 +238,4 @@ mod tests {
         big.resize(MAX_HEAD, b'a');
         assert!(parse_head(&big).is_err());
     }
-
-    #[test]
-    fn random_bytes_never_panic() {
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        for len in 0..2000 {
-            let bytes: Vec<u8> = (0..len % 300)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
-            let _ = parse_head(&bytes);
-            let _ = Addr::decode(&bytes);
-            let _ = crate::proto::socks5::parse_udp(&bytes);
-            let _ = authority(&String::from_utf8_lossy(&bytes), 80);
-        }
-    }
 }

@@ -6,6 +6,8 @@
 
 mod http;
 mod plain;
+#[cfg(test)]
+mod props;
 mod socks;
 mod udp;
 
