@@ -145,6 +145,7 @@ impl App {
             router: router.clone(),
             dns: Arc::new(DnsMap::default()),
             tcp_idle: config.tcp_idle_timeout.or_never(),
+            hooks: Default::default(),
         });
         let state = api::ApiState::new(registry.clone(), rates, config, pipeline.clone(), dir);
         let restart = state.restart.clone();

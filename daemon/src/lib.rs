@@ -15,6 +15,7 @@ pub mod firewall;
 pub mod flow;
 pub mod inbound;
 pub mod logging;
+pub mod metrics;
 pub mod outbound;
 pub mod proto;
 pub mod registry;

@@ -16,6 +16,9 @@ use uuid::Uuid;
 use crate::accounting::{Accounting, Tracked};
 pub use crate::flow::{ClosedFlow, Flow, FlowMeta, Leg, LiveFlow, Network, Traffic};
 
+/// Bytes by (outbound, rule type): (upload, download).
+pub type ClosedByRoute = std::collections::HashMap<(String, &'static str), (u64, u64)>;
+
 /// The registry.
 #[derive(Debug)]
 pub struct Registry {
@@ -30,6 +33,10 @@ pub struct Registry {
     /// Flows ever opened, and when the last one was.
     opened: AtomicU64,
     last_opened: Mutex<Option<SystemTime>>,
+    /// Flows opened by (network, inbound name), for metrics.
+    opened_by: DashMap<(Network, &'static str), u64>,
+    /// Bytes of closed flows by (outbound: the chain's leaf, rule type), for metrics.
+    closed_by_route: DashMap<(String, &'static str), (u64, u64)>,
     /// Held for writing while a flow moves from live to the closed ring (and totals), for
     /// reading while totals are summed, so no flow is counted twice or not at all.
     moving: std::sync::RwLock<()>,
@@ -47,6 +54,8 @@ impl Registry {
             grace: Duration::from_secs(5),
             opened: AtomicU64::new(0),
             last_opened: Mutex::new(None),
+            opened_by: DashMap::new(),
+            closed_by_route: DashMap::new(),
             moving: std::sync::RwLock::new(()),
         }
     }
@@ -60,6 +69,10 @@ impl Registry {
         let flow = Arc::new(Flow::new(meta, tracked, leg));
         self.live.insert(flow.id, flow.clone());
         self.opened.fetch_add(1, Ordering::Relaxed);
+        *self
+            .opened_by
+            .entry((flow.meta.network, flow.meta.inbound_name))
+            .or_default() += 1;
         *self.last_opened.lock().unwrap_or_else(|p| p.into_inner()) = Some(flow.start);
         flow
     }
@@ -70,6 +83,26 @@ impl Registry {
             self.opened.load(Ordering::Relaxed),
             *self.last_opened.lock().unwrap_or_else(|p| p.into_inner()),
         )
+    }
+
+    /// Flows opened by (network, inbound name).
+    pub fn opened_by(&self) -> Vec<((Network, &'static str), u64)> {
+        self.opened_by
+            .iter()
+            .map(|e| (*e.key(), *e.value()))
+            .collect()
+    }
+
+    /// Bytes of closed flows by (outbound, rule type) as (upload, download), and the live
+    /// flows, read in one step (no flow in both or neither).
+    pub fn closed_by_route_and_live(&self) -> (ClosedByRoute, Vec<LiveFlow>) {
+        let _moving = self.moving.read().unwrap_or_else(|p| p.into_inner());
+        let closed = self
+            .closed_by_route
+            .iter()
+            .map(|e| (e.key().clone(), *e.value()))
+            .collect();
+        (closed, self.live())
     }
 
     /// The flow's counters now.
@@ -107,6 +140,10 @@ impl Registry {
             traffic.upload,
             traffic.download,
         );
+        let route_key = (
+            closed.route.chains.first().cloned().unwrap_or_default(),
+            closed.route.rule,
+        );
         // One step: a reader sees the flow live or closed, never neither nor both.
         let _moving = self.moving.write().unwrap_or_else(|p| p.into_inner());
         {
@@ -117,6 +154,11 @@ impl Registry {
             ring.push_back(closed);
         }
         self.live.remove(&flow.id);
+        {
+            let mut e = self.closed_by_route.entry(route_key).or_default();
+            e.0 += traffic.upload;
+            e.1 += traffic.download;
+        }
         self.closed_upload
             .fetch_add(traffic.upload, Ordering::Relaxed);
         self.closed_download

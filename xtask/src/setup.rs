@@ -22,8 +22,9 @@ const PACKAGES: &[&str] = &[
     "microsocks",
     "tinyproxy",
 ];
-/// PyPI packages the tests drive (pinned): an HTTPS proxy.
-const PYPI: &[(&str, &str)] = &[("pproxy", "2.7.9")];
+/// PyPI packages the tests drive (pinned): an HTTPS proxy, and the Prometheus client whose
+/// text parser reads /metrics.
+const PYPI: &[(&str, &str)] = &[("pproxy", "2.7.9"), ("prometheus-client", "0.26.0")];
 const COMPONENTS: &[&str] = &["rust-src", "rustfmt", "clippy"];
 const LLVM: &str = "/usr/lib/llvm-22";
 /// The bpf-linker release verified with aya 0.14 and LLVM 22.
@@ -33,6 +34,7 @@ pub fn ensure() -> Result<()> {
     packages()?;
     pypi()?;
     tools()?;
+    promtool()?;
     components()?;
     bpf_linker()
 }
@@ -78,6 +80,28 @@ fn tools() -> Result<()> {
     );
     process::run("python3", &["-c", &extract])?;
     process::run("chmod", &["+x", &mihomo.to_string_lossy()])
+}
+
+/// `promtool` (it lints /metrics in the tests) out of Debian's `prometheus` package, unpacked
+/// into target/tools without installing it: installing would start a Prometheus server on
+/// :9090 where systemd runs, the port the demo forwards.
+fn promtool() -> Result<()> {
+    let dir = std::path::Path::new(TOOLS);
+    let promtool = dir.join("promtool");
+    if promtool.exists() {
+        return Ok(());
+    }
+    let debs = dir.join("debs");
+    let _ = std::fs::remove_dir_all(&debs);
+    std::fs::create_dir_all(&debs)?;
+    let script = format!(
+        "cd {d} && apt-get download -q prometheus && dpkg-deb -x prometheus_*.deb root \
+         && cp root/usr/bin/promtool ../promtool",
+        d = debs.display()
+    );
+    process::run("sh", &["-c", &script])?;
+    let _ = std::fs::remove_dir_all(&debs);
+    Ok(())
 }
 
 fn pypi() -> Result<()> {

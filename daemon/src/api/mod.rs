@@ -180,6 +180,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/upgrade/geo", post(control::update_geo))
         .route("/configs/geo", post(control::update_geo))
         .route("/restart", post(control::restart))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require))
         .with_state(state.clone());
@@ -260,4 +261,17 @@ pub fn start(
         tracker.clone(),
     ));
     Ok(Some(local))
+}
+
+/// `GET /metrics`: the Prometheus exposition (text format 0.0.4).
+async fn metrics(
+    axum::extract::State(state): axum::extract::State<Arc<ApiState>>,
+) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(&state),
+    )
 }

@@ -19,7 +19,7 @@ use uuid::Uuid;
 use crate::accounting::{Counters, Meter, Tracked};
 
 /// TCP or UDP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Network {
     Tcp,
     Udp,

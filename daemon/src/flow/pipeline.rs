@@ -105,6 +105,8 @@ pub struct Pipeline {
     pub router: Arc<Router>,
     pub dns: Arc<DnsMap>,
     pub tcp_idle: Option<Duration>,
+    /// Dial and sniff figures for `/metrics`.
+    pub hooks: crate::metrics::Hooks,
 }
 
 impl Pipeline {
@@ -147,7 +149,15 @@ impl Pipeline {
                     routing.sniffer.record(to, found.is_some());
                 }
                 // mihomo ignores a sniffed name in `skip-domain` as if none was found.
-                found.filter(|(h, _)| !routing.sniff_skipped(h))
+                let skipped = found
+                    .as_ref()
+                    .is_some_and(|(h, _)| routing.sniff_skipped(h));
+                self.hooks.sniffed(match (&found, skipped) {
+                    (None, _) => "none",
+                    (Some(_), true) => "skipped",
+                    (Some(_), false) => "found",
+                });
+                found.filter(|_| !skipped)
             }
             None => None,
         };
@@ -227,13 +237,20 @@ impl Pipeline {
                 "the flow".into(),
                 io::Error::new(io::ErrorKind::InvalidInput, "no destination"),
             ))),
-            (_, Some(target)) => tokio::select! {
-                r = routing.outbounds.connect(&route.chains, leaf, &target) => r,
-                () = flow.close_token().cancelled() => {
-                    relay::reset(&client);
-                    return;
-                }
-            },
+            (_, Some(target)) => {
+                let started = Instant::now();
+                let r = tokio::select! {
+                    r = routing.outbounds.connect(&route.chains, leaf, &target) => r,
+                    () = flow.close_token().cancelled() => {
+                        relay::reset(&client);
+                        return;
+                    }
+                };
+                let result = r.as_ref().map(|_| ());
+                self.hooks
+                    .dialed(leaf.clash_type(), started.elapsed(), result);
+                r
+            }
         };
         let (upstream, _active) = match dialed {
             Ok(u) => u,

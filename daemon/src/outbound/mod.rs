@@ -63,6 +63,31 @@ pub enum Error {
 }
 
 impl Error {
+    /// A bounded name for metrics: `timeout`, `refused`, `unreachable`, `connect`, `socket`,
+    /// `resolve`, `proxy`, `rejected`, `no_udp`, `unknown`, `too_deep`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Timeout(..) => "timeout",
+            Error::Connect(_, e) if e.kind() == io::ErrorKind::ConnectionRefused => "refused",
+            Error::Connect(_, e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable
+                ) =>
+            {
+                "unreachable"
+            }
+            Error::Connect(..) => "connect",
+            Error::Socket(..) => "socket",
+            Error::Resolve(..) => "resolve",
+            Error::Proxy { .. } => "proxy",
+            Error::Rejected(_) => "rejected",
+            Error::NoUdp(_) => "no_udp",
+            Error::Unknown(_) => "unknown",
+            Error::TooDeep(_) => "too_deep",
+        }
+    }
+
     /// The errno-like kind, for choosing a SOCKS reply or an HTTP status.
     pub fn kind(&self) -> io::ErrorKind {
         match self {

@@ -60,6 +60,7 @@ pub async fn api_with(config: Config) -> Api {
         router: route::Router::new(config.mode, routing),
         dns: Arc::default(),
         tcp_idle: None,
+        hooks: Default::default(),
     });
     let state = ApiState::new(registry.clone(), rates, &config, pipeline, dir);
     Api {

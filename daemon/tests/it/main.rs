@@ -15,6 +15,7 @@ mod cli;
 mod firewall;
 mod groups;
 mod groups_checks;
+mod metrics;
 mod mixed;
 mod ring_full;
 mod routing;
@@ -44,6 +45,7 @@ fn main() {
         firewall::tests(),
         groups::tests(),
         groups_checks::tests(),
+        metrics::tests(),
         mixed::tests(),
         ring_full::tests(),
         routing::tests(),
