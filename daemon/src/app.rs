@@ -232,6 +232,9 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<Exit,
     tracing::info!("tpacctd {} starting", env!("CARGO_PKG_VERSION"));
     let app = App::start(&config).await?;
     tracing::info!("ready");
+    crate::notify::ready(&app.registry);
+    let watchdog = CancellationToken::new();
+    crate::notify::spawn(app.registry.clone(), watchdog.clone());
     let restart = app.restart.clone();
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     tokio::pin!(stop);
@@ -241,13 +244,17 @@ pub async fn run(config: Config, stop: impl Future<Output = ()>) -> Result<Exit,
             () = restart.cancelled() => break Exit::Restart,
             Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => None } } => {
                 tracing::info!("SIGHUP: reloading the config");
+                crate::notify::reloading(false);
                 if let Err(e) = app.reloader.reload(crate::reload::Source::File(None)).await {
                     tracing::error!("reload refused, the old config keeps running: {e}");
                 }
+                crate::notify::reloading(true);
             }
         }
     };
     tracing::info!("stopping");
+    crate::notify::stopping();
+    watchdog.cancel();
     app.shutdown().await;
     Ok(exit)
 }

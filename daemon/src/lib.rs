@@ -16,6 +16,7 @@ pub mod flow;
 pub mod inbound;
 pub mod logging;
 pub mod metrics;
+pub mod notify;
 pub mod outbound;
 pub mod proto;
 pub mod registry;

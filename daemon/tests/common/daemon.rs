@@ -27,6 +27,11 @@ impl Daemon {
     /// Starts `tpacctd args…`, inside network namespace `netns` if given. `run` gets the test
     /// process's own state directory ([`state_dir`]) unless `-d` is given.
     pub fn start(netns: Option<&str>, args: &[&str]) -> Daemon {
+        Daemon::start_with_env(netns, args, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    pub fn start_with_env(netns: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let state = state_dir();
         let mut args: Vec<&str> = args.to_vec();
         if args.first() == Some(&"run") && !args.contains(&"-d") {
@@ -44,6 +49,7 @@ impl Daemon {
             .args(&args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

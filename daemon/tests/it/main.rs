@@ -23,6 +23,7 @@ mod routing_data;
 mod routing_reload;
 mod side_by_side;
 mod sniffing;
+mod systemd;
 mod tcp_live;
 mod tcp_totals;
 mod tproxy_bind;
@@ -51,6 +52,7 @@ fn main() {
         routing::tests(),
         routing_data::tests(),
         routing_reload::tests(),
+        systemd::tests(),
         side_by_side::tests(),
         sniffing::tests(),
         tcp_live::tests(),

@@ -27,50 +27,39 @@ fn promtool_path() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tools/promtool")
 }
 
-/// `promtool check metrics` on `text`: its complaints (empty when clean).
-fn promtool(text: &str) -> String {
-    let mut child = Command::new(promtool_path())
-        .args(["check", "metrics"])
+/// Runs `program args` with `text` on its stdin; asserts it succeeded: (stdout, stderr).
+fn feed(program: &std::path::Path, args: &[&str], text: &str) -> (String, String) {
+    let mut child = Command::new(program)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("promtool");
+        .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
     std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), text.as_bytes())
-        .expect("feed promtool");
-    let out = child.wait_with_output().expect("promtool");
+        .expect("feed the exposition");
+    let out = child.wait_with_output().expect("wait");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
     assert!(
         out.status.success(),
-        "promtool rejected the exposition: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        "{} rejected the exposition: {stdout}{stderr}",
+        program.display()
     );
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    (stdout, stderr)
 }
 
-/// Every sample as `name{labels} value` lines, through `prometheus_client.parser`.
+/// Every sample as (name, labels, value), through `prometheus_client.parser`.
 fn parsed(text: &str) -> Vec<(String, serde_json::Value, f64)> {
     let script = "import sys, json\n\
         from prometheus_client.parser import text_string_to_metric_families\n\
         for f in text_string_to_metric_families(sys.stdin.read()):\n\
         \x20   for s in f.samples:\n\
         \x20       print(json.dumps([s.name, s.labels, s.value]))\n";
-    let mut child = Command::new("python3")
-        .args(["-c", script])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), text.as_bytes())
-        .expect("feed the parser");
-    let out = child.wait_with_output().expect("parser");
-    assert!(
-        out.status.success(),
-        "the parser rejected the exposition: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    feed("python3".as_ref(), &["-c", script], text)
+        .0
         .lines()
         .map(|l| serde_json::from_str::<(String, serde_json::Value, f64)>(l).expect("sample"))
         .collect()
@@ -105,7 +94,8 @@ fn metrics_match_the_registry() -> Result<(), Skip> {
                 r.live_count() == 0 && r.closed(usize::MAX).len() == 2
             });
             let text = scrape(topo);
-            let lint = promtool(&text);
+            let (out, err) = feed(&promtool_path(), &["check", "metrics"], &text);
+            let lint = out + &err;
             eprintln!(
                 "promtool: {}",
                 if lint.is_empty() { "clean" } else { &lint }
