@@ -241,6 +241,25 @@ pub fn start(
     cancel: &CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
 ) -> Result<Option<SocketAddr>, Error> {
+    if let Some(addr) = config.metrics_address {
+        let bind_error = |source| Error::Bind {
+            addr: addr.to_string(),
+            source,
+        };
+        let std_listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
+        std_listener.set_nonblocking(true).map_err(bind_error)?;
+        let listener = TcpListener::from_std(std_listener).map_err(bind_error)?;
+        tracing::info!("metrics-address: Prometheus metrics on http://{addr}/metrics");
+        let only_metrics = Router::new()
+            .route("/metrics", get(metrics))
+            .with_state(state.clone());
+        tracker.spawn(server::serve(
+            listener,
+            only_metrics,
+            cancel.clone(),
+            tracker.clone(),
+        ));
+    }
     if config.external_controller.is_empty() {
         return Ok(None);
     }

@@ -89,6 +89,9 @@ pub struct Config {
     pub secret: Option<String>,
     /// mihomo's `external-controller-cors`.
     pub external_controller_cors: Cors,
+    /// tpacct's: `/metrics` alone on its own address, without the secret (for a Prometheus
+    /// that scrapes locally); off unless given. `/metrics` on the controller is always there.
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// mihomo's `mode`: `rule`, `global` or `direct`.
     pub mode: Mode,
     /// mihomo's `proxies`.
@@ -190,6 +193,7 @@ impl Default for Config {
             external_controller: "127.0.0.1:9090".to_owned(),
             secret: None,
             external_controller_cors: Cors::default(),
+            metrics_address: None,
             mode: Mode::default(),
             proxies: Vec::new(),
             proxy_groups: Vec::new(),

@@ -11,11 +11,11 @@ use crate::common::{
     topo::{SERVER4, Topology, socket, with_gateway},
 };
 
-/// The exposition, from inside the gateway namespace.
-fn scrape(topo: &Topology) -> String {
+/// The exposition at `url`, from inside the gateway namespace.
+fn scrape(topo: &Topology, url: &str) -> String {
     let out = Command::new("ip")
         .args(["netns", "exec", &topo.gateway.name, "curl", "-sf"])
-        .arg("http://127.0.0.1:9090/metrics")
+        .arg(url)
         .output()
         .expect("curl");
     assert!(out.status.success(), "GET /metrics failed");
@@ -73,6 +73,9 @@ fn sum(samples: &[(String, serde_json::Value, f64)], name: &str, labels: &[(&str
         .sum()
 }
 
+/// `metrics-address` in the test.
+const METRICS_ADDRESS: &str = "127.0.0.1:9101";
+
 fn metrics_match_the_registry() -> Result<(), Skip> {
     if !promtool_path().exists() {
         return Err(Skip(
@@ -82,7 +85,7 @@ fn metrics_match_the_registry() -> Result<(), Skip> {
     with_gateway(
         "metrics",
         AccountingMode::Ebpf,
-        |_| {},
+        |c| c.metrics_address = Some(METRICS_ADDRESS.parse().expect("address")),
         |topo, gw| {
             crate::tproxy_tcp::exchange(topo, gw, SERVER4, 300_000, 1_000_000);
             // A refused dial (nothing listens on 6999).
@@ -93,7 +96,7 @@ fn metrics_match_the_registry() -> Result<(), Skip> {
             gw.wait_until(10, "both flows closed", |r| {
                 r.live_count() == 0 && r.closed(usize::MAX).len() == 2
             });
-            let text = scrape(topo);
+            let text = scrape(topo, "http://127.0.0.1:9090/metrics");
             let (out, err) = feed(&promtool_path(), &["check", "metrics"], &text);
             let lint = out + &err;
             eprintln!(
@@ -143,6 +146,10 @@ fn metrics_match_the_registry() -> Result<(), Skip> {
                 1.0
             );
             assert!(sum(&samples, "tpacct_resident_memory_bytes", &[]) > 1e6);
+            // The same figures alone on `metrics-address`.
+            let own = parsed(&scrape(topo, &format!("http://{METRICS_ADDRESS}/metrics")));
+            let own_up = sum(&own, "tpacct_bytes_total", &[("direction", "upload")]);
+            assert_eq!(own_up as u64, totals.upload);
         },
     );
     Ok(())
