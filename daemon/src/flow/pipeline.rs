@@ -286,12 +286,9 @@ impl Pipeline {
             (flow.meta.destination_port == DNS_PORT).then(|| TcpAnswers::new(self.dns.clone()));
         let end = match (upstream, dns) {
             (Upstream::Tcp(up), None) => relay::tcp(&client, &up, opts).await,
-            (Upstream::Tcp(up), Some(mut answers)) => {
-                let mut up = relay::Tap::new(up, |b: &[u8]| answers.feed(b));
-                relay::copy(&mut client, &mut up, opts).await
-            }
             (Upstream::Boxed(mut up), None) => relay::copy(&mut client, &mut up, opts).await,
-            (Upstream::Boxed(up), Some(mut answers)) => {
+            // Either kind of upstream: `Upstream` is itself a byte stream.
+            (up, Some(mut answers)) => {
                 let mut up = relay::Tap::new(up, |b: &[u8]| answers.feed(b));
                 relay::copy(&mut client, &mut up, opts).await
             }
