@@ -122,8 +122,65 @@ pub struct CloseEvent {
     pub old_state: u32,
 }
 
+/// Who opened a socket, recorded by the cgroup connect/sendmsg hooks in the process's own
+/// context. Keyed by socket cookie in [`PROC_SOCK_MAP`] and, for TCP once the source port is
+/// bound, by [`ProcKey`] in [`PROC_TUPLE_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcRecord {
+    /// `bpf_ktime_get_boot_ns()` when recorded: a process that started later is not the one
+    /// that connected (its pid was reused).
+    pub at_ns: u64,
+    /// Process id (the thread group).
+    pub tgid: u32,
+    /// Thread id.
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// The task's `comm`, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+/// A TCP connection as its client sees it, in one network namespace. Addresses are in network
+/// byte order as the kernel keeps them; IPv4 (and IPv4-mapped IPv6) in `local[0]`/`remote[0]`
+/// with `family` [`AF_INET`] and the other words zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ProcKey {
+    /// The network namespace's cookie (`SO_NETNS_COOKIE`).
+    pub netns: u64,
+    pub local: [u32; 4],
+    pub remote: [u32; 4],
+    /// Host byte order.
+    pub local_port: u32,
+    /// Host byte order.
+    pub remote_port: u32,
+    pub family: u32,
+    /// [`proto`].
+    pub proto: u32,
+}
+
+/// `AF_INET`.
+pub const AF_INET: u32 = 2;
+/// `AF_INET6`.
+pub const AF_INET6: u32 = 10;
+
+/// LRU map: socket cookie → [`ProcRecord`].
+pub const PROC_SOCK_MAP: &str = "TPACCT_PROC_SOCK";
+/// LRU map: [`ProcKey`] → [`ProcRecord`] (TCP clients).
+pub const PROC_TUPLE_MAP: &str = "TPACCT_PROC_TUPLE";
+/// Capacity of each process map; the least recently used record goes first.
+pub const MAX_PROC_RECORDS: u32 = 65_536;
+/// Global in the eBPF object: the daemon's own tgid, whose sockets are not recorded.
+pub const SELF_TGID: &str = "TPACCT_SELF_TGID";
+
 #[cfg(feature = "user")]
 mod user {
+    // SAFETY: as below; `ProcRecord` and `ProcKey` are integers and integer arrays without
+    // padding (size assertions below).
+    unsafe impl aya::Pod for super::ProcRecord {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ProcKey {}
     // SAFETY: all three are `#[repr(C)]`, contain only integers, and have no padding (checked
     // by the size assertions below), so any bit pattern is a valid value.
     unsafe impl aya::Pod for super::TcpSock {}
@@ -137,6 +194,8 @@ const _: () = {
     assert!(core::mem::size_of::<TcpSock>() == 40);
     assert!(core::mem::size_of::<UdpSock>() == 40);
     assert!(core::mem::size_of::<CloseEvent>() == 32);
+    assert!(core::mem::size_of::<ProcRecord>() == 40);
+    assert!(core::mem::size_of::<ProcKey>() == 56);
 };
 
 /// TCP states (include/net/tcp_states.h) the accounting cares about.

@@ -146,6 +146,10 @@ impl App {
             dns: Arc::new(DnsMap::default()),
             tcp_idle: config.tcp_idle_timeout.or_never(),
             hooks: Default::default(),
+            processes: Arc::new(crate::process::Finder::new(
+                config.find_process_mode,
+                registry.accounting().procs(),
+            )),
         });
         let state = api::ApiState::new(registry.clone(), rates, config, pipeline.clone(), dir);
         let restart = state.restart.clone();

@@ -18,6 +18,7 @@ pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod outbound;
+pub mod process;
 pub mod proto;
 pub mod registry;
 pub mod relay;

@@ -30,6 +30,12 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// How a flow's local process was found (`kernel`, `sock_diag`, `proc_scan`) or `missed`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FoundLabels {
+    pub how: &'static str,
+}
+
 /// `result` of sniffing a flow: `found`, `skipped` (a name in `skip-domain`), `none`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SniffLabels {
@@ -279,6 +285,7 @@ pub fn render(state: &ApiState) -> String {
             k.close_ring_full,
         );
     }
+    processes(&mut prom, &state.pipeline.processes.counts);
     gauge(
         &mut prom,
         "resident_memory_bytes",
@@ -295,6 +302,31 @@ pub fn render(state: &ApiState) -> String {
     // Writing into a String cannot fail.
     let _ = encode(&mut text, &prom);
     prometheus_text(&text)
+}
+
+fn processes(prom: &mut Prom, counts: &crate::process::Counts) {
+    let found = Family::<FoundLabels, Counter>::default();
+    for (how, n) in [
+        ("kernel", &counts.kernel),
+        ("sock_diag", &counts.diag),
+        ("proc_scan", &counts.scanned),
+        ("missed", &counts.missed),
+    ] {
+        found
+            .get_or_create(&FoundLabels { how })
+            .inc_by(n.load(std::sync::atomic::Ordering::Relaxed));
+    }
+    prom.register(
+        "process_lookups",
+        "Local flows whose process was looked up, by how it was found",
+        found,
+    );
+    counter(
+        prom,
+        "process_scans",
+        "Walks of /proc for socket owners (each serves every lookup waiting)",
+        counts.scans.load(std::sync::atomic::Ordering::Relaxed),
+    );
 }
 
 /// OpenMetrics text as Prometheus's text format 0.0.4 (what `promtool check metrics` and every

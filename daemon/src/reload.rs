@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::config::FindProcessMode;
 use crate::{
     config::{self, Config},
     flow::pipeline::Pipeline,
@@ -80,6 +81,13 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
         "external-controller",
     );
     check(old.secret != new.secret, "secret");
+    check(old.process_cgroup != new.process_cgroup, "process-cgroup");
+    // Turning the hooks on or off (to or from `off`) attaches or detaches programs.
+    check(
+        (old.find_process_mode == FindProcessMode::Off)
+            != (new.find_process_mode == FindProcessMode::Off),
+        "find-process-mode",
+    );
     check(
         old.external_controller_cors != new.external_controller_cors,
         "external-controller-cors",
@@ -143,6 +151,7 @@ impl Reloader {
         let routing = route::build(&new, &self.dir, health).await?;
         self.pipeline.router.replace(routing);
         self.pipeline.router.set_mode(new.mode);
+        self.pipeline.processes.set_mode(new.find_process_mode);
         if let Some(logging) = crate::logging::get() {
             logging.set_level(new.log_level);
         }

@@ -99,6 +99,7 @@ struct Seen<'a> {
     sniffed: Option<&'a str>,
     route: Option<&'a RouteInfo>,
     dialed: Option<SocketAddr>,
+    owner: Option<&'a crate::process::Owner>,
 }
 
 fn metadata(meta: &FlowMeta, seen: &Seen<'_>) -> Metadata {
@@ -122,9 +123,9 @@ fn metadata(meta: &FlowMeta, seen: &Seen<'_>) -> Metadata {
         inbound_user: meta.inbound_user.clone().unwrap_or_default(),
         host: seen.host.unwrap_or_default().to_owned(),
         dns_mode: seen.dns_mode.as_str(),
-        uid: 0,
-        process: String::new(),
-        process_path: String::new(),
+        uid: seen.owner.map_or(0, |o| o.uid),
+        process: seen.owner.map(|o| o.name.to_string()).unwrap_or_default(),
+        process_path: seen.owner.map(|o| o.path.to_string()).unwrap_or_default(),
         special_proxy: String::new(),
         special_rules: String::new(),
         remote_destination: seen.dialed.map(|a| a.ip().to_string()).unwrap_or_default(),
@@ -165,6 +166,7 @@ pub fn live(flow: &Flow, traffic: Traffic, speed: Traffic) -> Connection {
         sniffed: flow.sniffed_host(),
         route: flow.route(),
         dialed: flow.dialed(),
+        owner: flow.owner(),
     };
     connection(flow.id, &flow.meta, &seen, flow.start, traffic, speed)
 }
@@ -181,6 +183,7 @@ pub fn closed(flow: &ClosedFlow) -> Closed {
                 sniffed: flow.sniffed_host.as_deref(),
                 route: Some(&flow.route),
                 dialed: flow.dialed,
+                owner: flow.owner.as_ref(),
             },
             flow.start,
             flow.traffic,

@@ -7,6 +7,9 @@
 //! * `cgroup_skb` ingress/egress (UDP): datagram payload per socket.
 //! * `cgroup/sock_release` (UDP): final totals when the socket is released.
 //!
+//! * `process`: cgroup connect/sendmsg hooks and a sock_ops program recording which process
+//!   opened a socket (by cookie, and for TCP clients by 4-tuple).
+//!
 //! Nothing here decides policy; it counts, and says when it could not.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
@@ -16,6 +19,8 @@
     feature(asm_experimental_arch)
 )]
 
+#[cfg(target_arch = "bpf")]
+mod process;
 #[cfg(target_arch = "bpf")]
 mod programs;
 

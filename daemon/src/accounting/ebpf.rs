@@ -14,11 +14,12 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, SockOps},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tpacct_common::{CLOSE_RING, STATS_MAP, Stat, TCP_MAP, TcpSock, UDP_MAP, UdpSock};
+use tpacct_common::{CLOSE_RING, SELF_TGID, STATS_MAP, Stat, TCP_MAP, TcpSock, UDP_MAP, UdpSock};
 
 use super::{
     Counters, Error, Proto,
     closes::{self, Slots, Wait},
+    procs::ProcMaps,
 };
 use crate::{cgroup::Placement, config::AccountingSettings};
 
@@ -53,6 +54,7 @@ pub(super) struct Kernel {
     udp: HashMap<MapData, u64, UdpSock>,
     stats: PerCpuArray<MapData, u64>,
     slots: Arc<Slots>,
+    procs: Option<Arc<ProcMaps>>,
     // Field order is drop order: detach the programs, then leave and remove the cgroup.
     _ebpf: Ebpf,
     placement: Placement,
@@ -95,7 +97,7 @@ fn raise_memlock() {
     }
 }
 
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+pub(super) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
@@ -105,7 +107,7 @@ where
         .map_err(|source| Error::Program { name, source })
 }
 
-fn map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
+pub(super) fn map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
 where
     T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
 {
@@ -126,7 +128,9 @@ impl Kernel {
         // created in.
         let placement = Placement::establish(settings.cgroup.as_deref())?;
         raise_memlock();
+        let tgid = std::process::id();
         let mut ebpf = EbpfLoader::new()
+            .override_global(SELF_TGID, &tgid, true)
             .map_max_entries(TCP_MAP, settings.max_sockets)
             .map_max_entries(UDP_MAP, settings.max_sockets)
             .map_max_entries(CLOSE_RING, settings.close_ring_bytes)
@@ -136,6 +140,13 @@ impl Kernel {
             Err(e) => tracing::warn!("kernel log records unavailable: {e}"),
         }
         attach(&mut ebpf, &placement)?;
+        // Without the hooks, processes are found through sock_diag and /proc instead.
+        let procs = settings.processes.as_ref().and_then(|hooks| {
+            ProcMaps::attach(&mut ebpf, hooks.cgroup.as_deref())
+                .inspect_err(|e| tracing::warn!("process hooks unavailable: {e}"))
+                .ok()
+                .map(Arc::new)
+        });
         let ring: RingBuf<MapData> = map(&mut ebpf, CLOSE_RING)?;
         let tcp: HashMap<MapData, u64, TcpSock> = map(&mut ebpf, TCP_MAP)?;
         let udp: HashMap<MapData, u64, UdpSock> = map(&mut ebpf, UDP_MAP)?;
@@ -153,6 +164,7 @@ impl Kernel {
             udp,
             stats,
             slots,
+            procs,
             _ebpf: ebpf,
             placement,
         })
@@ -160,6 +172,11 @@ impl Kernel {
 
     pub(super) fn cgroup(&self) -> &Path {
         self.placement.path()
+    }
+
+    /// The process hooks' records, when they are attached.
+    pub(super) fn procs(&self) -> Option<Arc<ProcMaps>> {
+        self.procs.clone()
     }
 
     pub(super) fn watch(&self, cookie: u64) {

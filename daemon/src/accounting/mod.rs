@@ -4,6 +4,7 @@
 
 mod closes;
 mod ebpf;
+mod procs;
 mod sys;
 
 use std::{
@@ -24,6 +25,7 @@ use crate::{
 };
 
 pub use ebpf::KernelStats;
+pub use procs::ProcMaps;
 
 /// Errors starting or using accounting.
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +226,14 @@ impl Accounting {
         match self.backend {
             Backend::Ebpf(_) => Mode::Ebpf,
             Backend::Userspace => Mode::Userspace,
+        }
+    }
+
+    /// The process hooks' records (eBPF with process finding on).
+    pub fn procs(&self) -> Option<Arc<ProcMaps>> {
+        match &self.backend {
+            Backend::Ebpf(k) => k.procs(),
+            Backend::Userspace => None,
         }
     }
 

@@ -22,7 +22,9 @@ pub use routing::{
     ProxyConfig, ProxyKind, ProxyProviderConfig, RuleFormat, RuleProviderConfig, SubRules, Vehicle,
 };
 pub use sniffer::{Millis, PortRange, Protocol, SniffConfig, Sniffer, TcpSniff};
-pub use types::{AccountingMode, BindAddress, Count, LogLevel, MaxSockets, Mode, Seconds};
+pub use types::{
+    AccountingMode, BindAddress, Count, FindProcessMode, LogLevel, MaxSockets, Mode, Seconds,
+};
 
 use lines::line_of;
 
@@ -41,6 +43,12 @@ pub struct Config {
     /// Capacity of each kernel socket map (TCP and UDP): how many sockets can be counted in
     /// the kernel at once. Sockets beyond it are counted in user space.
     pub accounting_max_sockets: MaxSockets,
+    /// mihomo's `find-process-mode`: `always`, `strict` (only when a rule needs the process)
+    /// or `off`.
+    pub find_process_mode: FindProcessMode,
+    /// tpacct's: the cgroup v2 directory whose processes' sockets are attributed (the process
+    /// hooks attach there). Default: the root, every process on the machine.
+    pub process_cgroup: Option<PathBuf>,
     /// mihomo's `tproxy-port`: TCP and UDP TPROXY listener port; 0 turns it off.
     pub tproxy_port: u16,
     /// mihomo's `bind-address`: `*` (all addresses, IPv4 and IPv6) or one address.
@@ -167,6 +175,8 @@ impl Default for Config {
             accounting: AccountingMode::default(),
             accounting_cgroup: None,
             accounting_max_sockets: MaxSockets(tpacct_common::MAX_SOCKETS),
+            find_process_mode: FindProcessMode::default(),
+            process_cgroup: None,
             tproxy_port: 7893,
             bind_address: BindAddress::Any,
             mixed_port: 0,
@@ -223,6 +233,9 @@ impl Config {
             cgroup: self.accounting_cgroup.clone(),
             max_sockets: self.accounting_max_sockets.0,
             close_ring_bytes: tpacct_common::CLOSE_RING_BYTES,
+            processes: (self.find_process_mode != FindProcessMode::Off).then(|| ProcessHooks {
+                cgroup: self.process_cgroup.clone(),
+            }),
         }
     }
 }
@@ -235,6 +248,15 @@ pub struct AccountingSettings {
     pub max_sockets: u32,
     /// Size of the close-event ring in bytes (a power of two, at least one page).
     pub close_ring_bytes: u32,
+    /// Where the process hooks attach; None: not attached.
+    pub processes: Option<ProcessHooks>,
+}
+
+/// The process-attribution hooks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessHooks {
+    /// The cgroup watched; None: the root.
+    pub cgroup: Option<PathBuf>,
 }
 
 impl AccountingSettings {

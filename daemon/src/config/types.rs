@@ -130,6 +130,19 @@ impl LogLevel {
     }
 }
 
+/// mihomo's `find-process-mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FindProcessMode {
+    /// Every flow from a local process.
+    Always,
+    /// Only when the rules have a process or UID rule (mihomo's default).
+    #[default]
+    Strict,
+    /// Never.
+    Off,
+}
+
 /// `accounting: auto | ebpf | userspace`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -142,6 +142,8 @@ pub struct Flow {
     route: OnceLock<RouteInfo>,
     /// The address actually dialed.
     dialed: OnceLock<SocketAddr>,
+    /// The local process that opened the client socket, when looked up and found.
+    owner: OnceLock<crate::process::Owner>,
     pub(crate) tracked: Tracked,
     leg: Leg,
     pub adjust: Adjust,
@@ -162,6 +164,7 @@ impl Flow {
             sniffed: OnceLock::new(),
             route: OnceLock::new(),
             dialed: OnceLock::new(),
+            owner: OnceLock::new(),
             tracked,
             leg,
             adjust: Adjust::default(),
@@ -221,6 +224,15 @@ impl Flow {
         let _ = self.dialed.set(addr);
     }
 
+    /// The local process that opened the client socket.
+    pub fn owner(&self) -> Option<&crate::process::Owner> {
+        self.owner.get()
+    }
+
+    pub fn set_owner(&self, owner: crate::process::Owner) {
+        let _ = self.owner.set(owner);
+    }
+
     /// Fires when the flow is closed on demand.
     pub fn close_token(&self) -> &CancellationToken {
         &self.close
@@ -258,6 +270,7 @@ impl Flow {
             sniffed_host: self.sniffed_host().map(str::to_owned),
             route: self.route().cloned().unwrap_or_default(),
             dialed: self.dialed(),
+            owner: self.owner().cloned(),
             traffic,
         }
     }
@@ -289,5 +302,6 @@ pub struct ClosedFlow {
     pub sniffed_host: Option<String>,
     pub route: RouteInfo,
     pub dialed: Option<SocketAddr>,
+    pub owner: Option<crate::process::Owner>,
     pub traffic: Traffic,
 }

@@ -107,6 +107,8 @@ pub struct Pipeline {
     pub tcp_idle: Option<Duration>,
     /// Dial and sniff figures for `/metrics`.
     pub hooks: crate::metrics::Hooks,
+    /// Finds the local process behind a flow (`find-process-mode`).
+    pub processes: Arc<crate::process::Finder>,
 }
 
 impl Pipeline {
@@ -171,6 +173,7 @@ impl Pipeline {
         if let Some((host, _)) = sniffed {
             flow.set_sniffed_host(host);
         }
+        self.attribute(&flow, flow.meta.inbound, &routing).await;
         let (route, routing) = self.router.route(&query(&flow, Net::Tcp));
         flow.set_route(RouteInfo {
             rule: route.rule,
@@ -186,7 +189,7 @@ impl Pipeline {
     /// Registers a flow that shares its socket with others (one request of a keep-alive HTTP
     /// proxy connection), names and routes it; the caller dials and relays, reporting the
     /// bytes it moves to the flow's meter.
-    pub fn request(&self, meta: FlowMeta) -> (Arc<Flow>, Finisher, Route, Arc<Routing>) {
+    pub async fn request(&self, meta: FlowMeta) -> (Arc<Flow>, Finisher, Route, Arc<Routing>) {
         let network = meta.network;
         let tracked = self.registry.accounting().untracked(match network {
             super::Network::Tcp => crate::accounting::Proto::Tcp,
@@ -195,6 +198,8 @@ impl Pipeline {
         let flow = self.registry.open(meta, tracked, Leg::Client);
         let finisher = Finisher::new(flow.clone(), self.registry.clone());
         self.name(&flow, None);
+        self.attribute(&flow, flow.meta.inbound, &self.router.routing())
+            .await;
         let net = match network {
             super::Network::Tcp => Net::Tcp,
             super::Network::Udp => Net::Udp,
@@ -206,6 +211,18 @@ impl Pipeline {
             chains: route.chains.clone(),
         });
         (flow, finisher, route, routing)
+    }
+
+    /// Looks up the local process behind the flow's client socket (whose remote end is
+    /// `server`) when `find-process-mode` asks for it.
+    pub async fn attribute(&self, flow: &Flow, server: SocketAddr, routing: &Routing) {
+        if !self.processes.wanted(routing.needs_process()) {
+            return;
+        }
+        let network = flow.meta.network;
+        if let Some(owner) = self.processes.find(network, flow.meta.source, server).await {
+            flow.set_owner(owner);
+        }
     }
 
     /// Dials and relays; every socket is closed when this returns.
@@ -369,9 +386,9 @@ pub fn query(flow: &Flow, network: Net) -> Query<'_> {
         in_type: flow.meta.in_type,
         in_name: flow.meta.inbound_name,
         in_user: flow.meta.inbound_user.as_deref(),
-        uid: None,
-        process: None,
-        process_path: None,
+        uid: flow.owner().map(|o| o.uid),
+        process: flow.owner().map(|o| &*o.name),
+        process_path: flow.owner().map(|o| &*o.path).filter(|p| !p.is_empty()),
     }
 }
 

@@ -157,6 +157,10 @@ async fn open(
     if let Some(name) = pipeline.dns.name(destination.ip()) {
         flow.set_host(name, crate::flow::DnsMode::Mapping);
     }
+    // The client's socket sent to the original destination.
+    pipeline
+        .attribute(&flow, destination, &pipeline.router.routing())
+        .await;
     let (route, routing) = pipeline.router.route(&query(&flow, Net::Udp));
     flow.set_route(RouteInfo {
         rule: route.rule,

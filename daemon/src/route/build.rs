@@ -163,5 +163,6 @@ pub async fn build(
         proxy_providers,
         geo,
         sniffer,
+        process_needed: std::sync::OnceLock::new(),
     })
 }

@@ -71,6 +71,23 @@ pub struct Compiled {
     sequential: Vec<u32>,
 }
 
+/// Whether deciding `cond` can need the flow's process or uid (mihomo's `ShouldFindProcess`).
+pub fn needs_process(cond: &Cond, env: Env<'_>) -> bool {
+    match cond {
+        Cond::Uid(_)
+        | Cond::ProcessName(_)
+        | Cond::ProcessPath(_)
+        | Cond::ProcessNameRegex(_)
+        | Cond::ProcessPathRegex(_) => true,
+        Cond::And(all) | Cond::Or(all) => all.iter().any(|c| needs_process(c, env)),
+        Cond::Not(c) => needs_process(c, env),
+        Cond::RuleSet { name, .. } => env.rule_sets.get(name).is_some_and(
+            |set| matches!(&**set.load(), SetData::Classical(c) if c.needs_process(env)),
+        ),
+        _ => false,
+    }
+}
+
 /// The domain patterns a domain condition stands for (GEOSITE: its list).
 fn domain_patterns(cond: &Cond, geo: &Geo) -> Option<Vec<DomainPattern>> {
     Some(match cond {
@@ -113,6 +130,17 @@ impl Compiled {
         c.domains = domains.build()?;
         c.rules = rules;
         Ok(c)
+    }
+
+    /// Whether any rule can need the flow's process or uid.
+    pub fn needs_process(&self, env: Env<'_>) -> bool {
+        self.rules.iter().any(|r| {
+            needs_process(&r.cond, env)
+                || r.sub_rule
+                    .as_ref()
+                    .and_then(|name| env.sub_rules.get(name))
+                    .is_some_and(|sub| sub.needs_process(env))
+        })
     }
 
     /// The position of the first rule `q` matches.

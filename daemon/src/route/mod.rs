@@ -80,6 +80,8 @@ pub struct Routing {
     pub proxy_providers: indexmap::IndexMap<String, Vec<String>>,
     pub geo: geo::Geo,
     pub sniffer: sniffing::Sniffing,
+    /// [`Routing::needs_process`], worked out once (rule-provider refreshes keep it).
+    pub process_needed: std::sync::OnceLock<bool>,
 }
 
 impl AsRef<Outbounds> for Routing {
@@ -97,6 +99,13 @@ impl Routing {
     /// Whether a sniffed `host` is ignored (`sniffer.skip-domain`).
     pub fn sniff_skipped(&self, host: &str) -> bool {
         self.sniffer.skipped(host, self.env())
+    }
+
+    /// Whether a rule can need the flow's process (`find-process-mode: strict` looks then).
+    pub fn needs_process(&self) -> bool {
+        *self
+            .process_needed
+            .get_or_init(|| self.rules.needs_process(self.env()))
     }
 
     fn env(&self) -> Env<'_> {

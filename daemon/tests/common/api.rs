@@ -61,6 +61,7 @@ pub async fn api_with(config: Config) -> Api {
         dns: Arc::default(),
         tcp_idle: None,
         hooks: Default::default(),
+        processes: Arc::new(tpacct::process::Finder::new(config.find_process_mode, None)),
     });
     let state = ApiState::new(registry.clone(), rates, &config, pipeline, dir);
     Api {

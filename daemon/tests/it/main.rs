@@ -17,6 +17,7 @@ mod groups;
 mod groups_checks;
 mod metrics;
 mod mixed;
+mod process;
 mod ring_full;
 mod routing;
 mod routing_data;
@@ -48,6 +49,7 @@ fn main() {
         groups_checks::tests(),
         metrics::tests(),
         mixed::tests(),
+        process::tests(),
         ring_full::tests(),
         routing::tests(),
         routing_data::tests(),

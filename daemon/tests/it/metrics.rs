@@ -12,7 +12,7 @@ use crate::common::{
 };
 
 /// The exposition at `url`, from inside the gateway namespace.
-fn scrape(topo: &Topology, url: &str) -> String {
+pub(crate) fn scrape(topo: &Topology, url: &str) -> String {
     let out = Command::new("ip")
         .args(["netns", "exec", &topo.gateway.name, "curl", "-sf"])
         .arg(url)
@@ -52,7 +52,7 @@ fn feed(program: &std::path::Path, args: &[&str], text: &str) -> (String, String
 }
 
 /// Every sample as (name, labels, value), through `prometheus_client.parser`.
-fn parsed(text: &str) -> Vec<(String, serde_json::Value, f64)> {
+pub(crate) fn parsed(text: &str) -> Vec<(String, serde_json::Value, f64)> {
     let script = "import sys, json\n\
         from prometheus_client.parser import text_string_to_metric_families\n\
         for f in text_string_to_metric_families(sys.stdin.read()):\n\
@@ -65,7 +65,11 @@ fn parsed(text: &str) -> Vec<(String, serde_json::Value, f64)> {
         .collect()
 }
 
-fn sum(samples: &[(String, serde_json::Value, f64)], name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn sum(
+    samples: &[(String, serde_json::Value, f64)],
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
     samples
         .iter()
         .filter(|(n, l, _)| n == name && labels.iter().all(|(k, v)| l[k] == *v))

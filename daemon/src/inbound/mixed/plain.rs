@@ -325,7 +325,7 @@ pub(super) async fn serve(
             &addr,
             user.clone(),
         );
-        let (flow, finisher, route, routing) = ctx.pipeline.request(meta);
+        let (flow, finisher, route, routing) = ctx.pipeline.request(meta).await;
         let target = match &addr {
             Addr::Ip(a) => Target::Ip(*a),
             Addr::Domain(h, p) => Target::Host(h.clone(), *p),

@@ -126,7 +126,7 @@ async fn open(
         addr,
         user.clone(),
     );
-    let (flow, finisher, route, routing) = ctx.pipeline.request(meta);
+    let (flow, finisher, route, routing) = ctx.pipeline.request(meta).await;
     let target: Target = addr.clone().into();
     let session = match route.leaf.kind {
         Kind::Reject | Kind::RejectDrop | Kind::Pass | Kind::Compatible => None,
