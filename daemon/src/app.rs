@@ -140,12 +140,22 @@ impl App {
             flows.cancel.clone(),
         ));
         crate::route::refresh::spawn(router.clone(), config, &dir, &flows.cancel, &flows.tracker);
+        let killswitch = Arc::new(crate::killswitch::KillSwitch::new(
+            config,
+            crate::memory::Memory::locate(),
+        ));
+        flows.tracker.spawn(
+            killswitch
+                .clone()
+                .run(registry.clone(), flows.cancel.clone()),
+        );
         let pipeline = Arc::new(Pipeline {
             registry: registry.clone(),
             router: router.clone(),
             dns: Arc::new(DnsMap::default()),
             tcp_idle: config.tcp_idle_timeout.or_never(),
             hooks: Default::default(),
+            killswitch: killswitch.clone(),
             processes: Arc::new(crate::process::Finder::new(
                 config.find_process_mode,
                 registry.accounting().procs(),

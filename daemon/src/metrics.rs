@@ -292,16 +292,51 @@ pub fn render(state: &ApiState) -> String {
         "Resident memory of the daemon",
         crate::speed::rss() as i64,
     );
-    gauge(
-        &mut prom,
-        "memory_limit_bytes",
-        "The cgroup's memory limit (0: none)",
-        state.memory_limit.min(i64::MAX as u64) as i64,
-    );
+    killswitch(&mut prom, &state.pipeline.killswitch);
     let mut text = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut text, &prom);
     prometheus_text(&text)
+}
+
+fn killswitch(prom: &mut Prom, k: &crate::killswitch::KillSwitch) {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    gauge(
+        prom,
+        "memory_limit_bytes",
+        "The kill switch's memory limit (0: off)",
+        k.limit_now().min(i64::MAX as u64) as i64,
+    );
+    gauge(
+        prom,
+        "memory_used_bytes",
+        "Memory charged where the limit applies (the cgroup's, else RSS), as last sampled",
+        load(&k.usage).min(i64::MAX as u64) as i64,
+    );
+    gauge(
+        prom,
+        "killswitch_tripped",
+        "1 while the kill switch refuses new flows (tripped or cooling down)",
+        i64::from(k.tripped()),
+    );
+    counter(
+        prom,
+        "killswitch_trips",
+        "Times memory went over the limit",
+        load(&k.trips),
+    );
+    counter(
+        prom,
+        "killswitch_closed_flows",
+        "Flows the kill switch closed",
+        load(&k.closed),
+    );
+    counter(
+        prom,
+        "killswitch_refused_flows",
+        "New flows refused while tripped or cooling down",
+        load(&k.refused),
+    );
 }
 
 fn processes(prom: &mut Prom, counts: &crate::process::Counts) {

@@ -183,6 +183,22 @@ impl Registry {
         }
     }
 
+    /// Closes up to `n` live flows not already closing, the newest first; how many.
+    pub fn close_newest(&self, n: usize) -> usize {
+        let mut open: Vec<Arc<Flow>> = self
+            .live
+            .iter()
+            .filter(|f| !f.close_token().is_cancelled())
+            .map(|f| f.clone())
+            .collect();
+        open.sort_unstable_by_key(|f| std::cmp::Reverse(f.start));
+        let closing = open.len().min(n);
+        for flow in &open[..closing] {
+            flow.close_token().cancel();
+        }
+        closing
+    }
+
     /// Closes the live flows whose chain passes through group `group` to `member` (a group
     /// switched away from it); returns how many.
     pub fn close_through(&self, group: &str, member: &str) -> usize {

@@ -114,25 +114,6 @@ pub fn rss() -> u64 {
     pages * u64::try_from(page).unwrap_or(4096)
 }
 
-/// The memory limit of this process's cgroup (v2 `memory.max`, else v1), 0 if none.
-pub fn memory_limit() -> u64 {
-    let v2 = crate::cgroup::own()
-        .ok()
-        .and_then(|dir| std::fs::read_to_string(dir.join("memory.max")).ok());
-    let limit = v2.or_else(|| {
-        let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-        let rel = membership
-            .lines()
-            .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_owned()))?;
-        std::fs::read_to_string(format!("/sys/fs/cgroup/memory{rel}/memory.limit_in_bytes")).ok()
-    });
-    limit
-        .and_then(|l| l.trim().parse::<u64>().ok())
-        // v1 reports "no limit" as a huge page-aligned number.
-        .filter(|&l| l < (1 << 62))
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,8 +51,6 @@ pub struct ApiState {
     pub dir: std::path::PathBuf,
     /// Open WebSockets (each holds a permit; they outlive their HTTP connection's slot).
     pub websockets: Arc<tokio::sync::Semaphore>,
-    /// The cgroup's memory limit, read once at start (finding the cgroup may mount cgroup2).
-    pub memory_limit: u64,
     /// Fired by `POST /restart`.
     pub restart: CancellationToken,
     /// Swaps configs (`PUT /configs`).
@@ -80,7 +78,6 @@ impl ApiState {
             pipeline,
             dir,
             websockets: Arc::new(tokio::sync::Semaphore::new(MAX_WEBSOCKETS)),
-            memory_limit: crate::speed::memory_limit(),
             restart: CancellationToken::new(),
             reloader,
         })

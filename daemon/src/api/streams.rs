@@ -141,9 +141,10 @@ pub(super) async fn traffic(State(state): State<Arc<ApiState>>, ws: MaybeWs) -> 
 }
 
 pub(super) async fn memory(State(state): State<Arc<ApiState>>, ws: MaybeWs) -> Response {
-    let limit = state.memory_limit;
+    let switch = state.pipeline.killswitch.clone();
     let frames = every(Duration::from_secs(1), move || {
-        serde_json::json!({ "inuse": speed::rss(), "oslimit": limit }).to_string()
+        // mihomo always says 0; tpacct gives the kill switch's limit (0: off).
+        serde_json::json!({ "inuse": speed::rss(), "oslimit": switch.limit_now() }).to_string()
     });
     respond(&state, ws, frames)
 }

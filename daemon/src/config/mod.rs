@@ -23,7 +23,7 @@ pub use routing::{
 };
 pub use sniffer::{Millis, PortRange, Protocol, SniffConfig, Sniffer, TcpSniff};
 pub use types::{
-    AccountingMode, BindAddress, Count, FindProcessMode, LogLevel, MaxSockets, Mode, Seconds,
+    AccountingMode, BindAddress, Bytes, Count, FindProcessMode, LogLevel, MaxSockets, Mode, Seconds,
 };
 
 use lines::line_of;
@@ -49,6 +49,14 @@ pub struct Config {
     /// tpacct's: the cgroup v2 directory whose processes' sockets are attributed (the process
     /// hooks attach there). Default: the root, every process on the machine.
     pub process_cgroup: Option<PathBuf>,
+    /// tpacct's OOM kill switch: above this much memory, flows are closed (newest first) and
+    /// new ones refused for `memory-cooldown`. Absent: 80% of the cgroup's memory limit when
+    /// there is one, else off; 0: off.
+    pub memory_limit: Option<Bytes>,
+    /// Close every flow on a trip instead of the newest until under 90% of the limit.
+    pub memory_kill_all: bool,
+    /// Seconds new flows are refused after a trip.
+    pub memory_cooldown: Seconds<0, 3600>,
     /// mihomo's `tproxy-port`: TCP and UDP TPROXY listener port; 0 turns it off.
     pub tproxy_port: u16,
     /// mihomo's `bind-address`: `*` (all addresses, IPv4 and IPv6) or one address.
@@ -177,6 +185,9 @@ impl Default for Config {
             accounting_max_sockets: MaxSockets(tpacct_common::MAX_SOCKETS),
             find_process_mode: FindProcessMode::default(),
             process_cgroup: None,
+            memory_limit: None,
+            memory_kill_all: false,
+            memory_cooldown: Seconds(10),
             tproxy_port: 7893,
             bind_address: BindAddress::Any,
             mixed_port: 0,

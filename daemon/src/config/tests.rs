@@ -283,3 +283,28 @@ fn health_keys_parse_with_mihomos_names() {
         (Some(50), Some(false), Some(90))
     );
 }
+
+#[test]
+fn sizes_take_units_and_bad_ones_name_the_key() {
+    let c = Config::parse("memory-limit: 512M\nmemory-kill-all: true\n", "t").expect("parse");
+    assert_eq!(c.memory_limit, Some(Bytes(512 << 20)));
+    assert!(c.memory_kill_all);
+    for (text, bytes) in [
+        ("65536", 65536),
+        ("1.5GiB", 3 << 29),
+        ("2KB", 2048),
+        ("0", 0),
+    ] {
+        let c = Config::parse(&format!("memory-limit: {text}\n"), "t").expect("parse");
+        assert_eq!(c.memory_limit, Some(Bytes(bytes)), "{text}");
+    }
+    for bad in ["12 parsecs", "lots", "-5M", "[1]"] {
+        let e = Config::parse(&format!("\nmemory-limit: {bad}\n"), "t")
+            .expect_err(bad)
+            .to_string();
+        assert!(
+            e.contains("memory-limit") && e.contains("line 2"),
+            "{bad}: {e}"
+        );
+    }
+}

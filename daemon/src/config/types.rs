@@ -43,6 +43,60 @@ fn in_range<const MIN: u64, const MAX: u64>(n: u64, unit: &str) -> Result<u64, S
     }
 }
 
+/// A size in bytes: a number, or a number with a unit as systemd writes them (`K`, `M`, `G`,
+/// `T`, optionally followed by `B` or `iB`; all powers of 1024): `512M`, `1.5GiB`, `65536`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "serde_yaml_ng::Value")]
+pub struct Bytes(pub u64);
+
+impl TryFrom<serde_yaml_ng::Value> for Bytes {
+    type Error = String;
+
+    fn try_from(v: serde_yaml_ng::Value) -> Result<Self, String> {
+        match v {
+            serde_yaml_ng::Value::Number(n) => n
+                .as_u64()
+                .map(Bytes)
+                .ok_or_else(|| format!("{n} is not a size in bytes")),
+            serde_yaml_ng::Value::String(s) => s.parse(),
+            other => Err(format!("{other:?} is not a size (use e.g. 512M or 1GiB)")),
+        }
+    }
+}
+
+impl std::str::FromStr for Bytes {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Bytes, String> {
+        let t = text.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (number, unit) = t.split_at(split);
+        let unit = unit.trim();
+        let shift = match unit.trim_end_matches("iB").trim_end_matches('B') {
+            "" => 0,
+            "K" | "k" => 10,
+            "M" => 20,
+            "G" => 30,
+            "T" => 40,
+            _ => {
+                return Err(format!(
+                    "{text:?}: unknown unit {unit:?} (use K, M, G or T)"
+                ));
+            }
+        };
+        let n: f64 = number
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size (use e.g. 512M or 1GiB)"))?;
+        let bytes = n * (1u64 << shift) as f64;
+        if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+            return Err(format!("{text:?} is too large"));
+        }
+        Ok(Bytes(bytes as u64))
+    }
+}
+
 /// Whole seconds in `MIN ..= MAX`, as config files give timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "u64")]

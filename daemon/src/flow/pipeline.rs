@@ -109,6 +109,8 @@ pub struct Pipeline {
     pub hooks: crate::metrics::Hooks,
     /// Finds the local process behind a flow (`find-process-mode`).
     pub processes: Arc<crate::process::Finder>,
+    /// Refuses new flows while memory is over the limit.
+    pub killswitch: Arc<crate::killswitch::KillSwitch>,
 }
 
 impl Pipeline {
@@ -121,6 +123,11 @@ impl Pipeline {
         handshake: (u64, u64),
         mut answer: A,
     ) {
+        if !self.admit() {
+            // Reset, not a graceful close: the client learns at once, nothing is registered.
+            crate::relay::reset(&client);
+            return;
+        }
         let tracked = match self.registry.accounting().track(&client) {
             Ok(t) => t,
             Err(e) => {
@@ -211,6 +218,11 @@ impl Pipeline {
             chains: route.chains.clone(),
         });
         (flow, finisher, route, routing)
+    }
+
+    /// Whether a new flow may start (the memory kill switch refuses them after a trip).
+    pub fn admit(&self) -> bool {
+        self.killswitch.admit()
     }
 
     /// Looks up the local process behind the flow's client socket (whose remote end is

@@ -134,6 +134,9 @@ async fn open(
     inbound: SocketAddr,
 ) -> io::Result<(Arc<Session>, UdpSocket, Finisher)> {
     let pipeline = &shared.pipeline;
+    if !pipeline.admit() {
+        return Err(io::Error::other("refused: memory over the limit"));
+    }
     let reply = sys::reply_socket(destination, source)?;
     let tracked = pipeline
         .registry

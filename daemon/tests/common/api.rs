@@ -62,6 +62,10 @@ pub async fn api_with(config: Config) -> Api {
         tcp_idle: None,
         hooks: Default::default(),
         processes: Arc::new(tpacct::process::Finder::new(config.find_process_mode, None)),
+        killswitch: Arc::new(tpacct::killswitch::KillSwitch::new(
+            &config,
+            tpacct::memory::Memory::Rss,
+        )),
     });
     let state = ApiState::new(registry.clone(), rates, &config, pipeline, dir);
     Api {

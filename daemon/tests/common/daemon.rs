@@ -32,22 +32,45 @@ impl Daemon {
 
     /// [`Daemon::start`] with extra environment variables.
     pub fn start_with_env(netns: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn(None, netns, args, env)
+    }
+
+    /// [`Daemon::start`] with the process placed in a cgroup (its `cgroup.procs` file) before
+    /// it runs a single instruction of ours.
+    pub fn start_in_cgroup(procs: &std::path::Path, netns: Option<&str>, args: &[&str]) -> Daemon {
+        Daemon::spawn(Some(procs), netns, args, &[])
+    }
+
+    fn spawn(
+        procs: Option<&std::path::Path>,
+        netns: Option<&str>,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let state = state_dir();
         let mut args: Vec<&str> = args.to_vec();
         if args.first() == Some(&"run") && !args.contains(&"-d") {
             args.splice(1..1, ["-d", state.to_str().expect("utf-8 temp dir")]);
         }
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, BIN]);
+        let mut cmd = match procs {
+            // The shell moves itself, then becomes the daemon (`exec` keeps the pid).
+            Some(procs) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", "echo $$ > \"$0\" && exec \"$@\""]).arg(procs);
                 c
             }
-            None => Command::new(BIN),
+            None => Command::new("env"),
         };
+        if let Some(ns) = netns {
+            cmd.args(["ip", "netns", "exec", ns]);
+        }
+        cmd.arg(BIN);
         let mut child = cmd
             .args(&args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -79,6 +102,11 @@ impl Daemon {
 
     fn signal(&self, sig: signal::Signal) {
         signal::kill(Pid::from_raw(self.child.id() as i32), sig).expect("signal tpacctd");
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// SIGHUP: reload the config file.

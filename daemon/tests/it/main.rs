@@ -15,6 +15,7 @@ mod cli;
 mod firewall;
 mod groups;
 mod groups_checks;
+mod killswitch;
 mod metrics;
 mod mixed;
 mod process;
@@ -47,6 +48,7 @@ fn main() {
         firewall::tests(),
         groups::tests(),
         groups_checks::tests(),
+        killswitch::tests(),
         metrics::tests(),
         mixed::tests(),
         process::tests(),

@@ -325,6 +325,15 @@ pub(super) async fn serve(
             &addr,
             user.clone(),
         );
+        if !ctx.pipeline.admit() {
+            client
+                .inner
+                .write_all(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                )
+                .await?;
+            return Ok(());
+        }
         let (flow, finisher, route, routing) = ctx.pipeline.request(meta).await;
         let target = match &addr {
             Addr::Ip(a) => Target::Ip(*a),

@@ -78,7 +78,7 @@ pub(super) async fn associate(
                 let Ok((addr, at)) = wire::parse_udp(&buf[..n]) else { continue };
                 let payload = &buf[at..n];
                 if !dests.contains_key(&addr) {
-                    if dests.len() >= MAX_DESTINATIONS {
+                    if dests.len() >= MAX_DESTINATIONS || !ctx.pipeline.admit() {
                         continue;
                     }
                     let (dest, finisher) = open(ctx, peer, local, &user, &addr, &relay, from).await;
