@@ -2,6 +2,7 @@
 //! entries the kernel keeps (marked closed) when the ring was full, collected by a sweep so a
 //! full ring never loses a flow's totals.
 
+use std::os::fd::AsFd;
 use std::{
     os::fd::AsRawFd,
     sync::{
@@ -125,11 +126,18 @@ struct Sweeper {
     last_log: Option<Instant>,
 }
 
+/// A second handle on the same map from a duplicate of its descriptor (reopening it by id
+/// would need CAP_SYS_ADMIN, which the service does not have).
 fn reopen(original: &MapData, name: &'static str) -> Result<MapData, Error> {
-    original
-        .info()
-        .and_then(|info| MapData::from_id(info.id()))
-        .map_err(|source| Error::Map { name, source })
+    let fd = original
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| Error::Socket {
+            what: "a map descriptor",
+            source,
+        })?;
+    MapData::from_fd(fd).map_err(|source| Error::Map { name, source })
 }
 
 /// A second typed handle on `original`.

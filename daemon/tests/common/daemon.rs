@@ -64,15 +64,18 @@ impl Daemon {
         if let Some(ns) = netns {
             cmd.args(["ip", "netns", "exec", ns]);
         }
-        cmd.arg(BIN);
+        cmd.arg(BIN).args(&args).envs(env.iter().copied());
+        Daemon::from_command(cmd)
+    }
+
+    /// Runs `cmd` (which ends with the daemon's own command line) as the daemon.
+    pub fn from_command(mut cmd: Command) -> Daemon {
         let mut child = cmd
-            .args(&args)
             .env(
                 "RUST_LOG",
                 std::env::var("DAEMON_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
-            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -102,6 +105,11 @@ impl Daemon {
 
     fn signal(&self, sig: signal::Signal) {
         signal::kill(Pid::from_raw(self.child.id() as i32), sig).expect("signal tpacctd");
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether the process is still running.

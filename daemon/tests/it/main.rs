@@ -10,6 +10,7 @@ mod api_router;
 mod api_routes;
 mod api_secret;
 mod api_ws;
+mod capabilities;
 mod churn;
 mod cli;
 mod firewall;
@@ -43,6 +44,7 @@ fn main() {
         api_routes::tests(),
         api_secret::tests(),
         api_ws::tests(),
+        capabilities::tests(),
         churn::tests(),
         cli::tests(),
         firewall::tests(),
