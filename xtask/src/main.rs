@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod forward;
+mod install;
 mod netns;
 mod process;
 mod setup;
@@ -42,6 +43,20 @@ enum Command {
     Bench {
         #[arg(long)]
         quick: bool,
+    },
+    /// Setup, build, then put the binary, the systemd unit, the default config (unless one is
+    /// there) and the README in place under ROOT (default /).
+    Install {
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
+    /// Remove what `install` put under ROOT; the config and the state directory stay unless
+    /// `--purge`.
+    Uninstall {
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        #[arg(long)]
+        purge: bool,
     },
     /// Setup, then format check, clippy with -D warnings, every test, one demo round and a
     /// quick benchmark round.
@@ -111,6 +126,12 @@ fn main() -> Result<()> {
             build()?;
             bench::run(&daemon(&root), quick)
         }
+        Command::Install { root: dest } => {
+            setup::ensure()?;
+            build()?;
+            install::install(&root, &dest).map(drop)
+        }
+        Command::Uninstall { root: dest, purge } => install::uninstall(&dest, purge),
         Command::BenchServe { addr } => bench::serve(&addr),
         Command::BenchSink { addr } => bench::sink(&addr),
         Command::BenchClient { kind, addr, arg } => bench::client_main(&kind, &addr, &arg),
