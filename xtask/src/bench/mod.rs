@@ -248,13 +248,18 @@ fn measure(
             Contender::TpacctEbpf | Contender::TpacctUserspace | Contender::Mihomo
         ),
     ) {
-        for (n, rss_key, api_key) in [
-            (d.scale.0, "rss_small", "api_small"),
-            (d.scale.1, "rss_large", "api_large"),
+        // mihomo has no /metrics.
+        let metrics = who != Contender::Mihomo;
+        for (n, rss_key, api_key, metrics_key) in [
+            (d.scale.0, "rss_small", "api_small", "metrics_small"),
+            (d.scale.1, "rss_large", "api_large", "metrics_large"),
         ] {
-            let (per_connection, api_ms) = scale(topo, me, pid, n)?;
+            let (per_connection, api_ms, metrics_ms) = scale(topo, me, pid, n, metrics)?;
             samples.add(rss_key, who, per_connection);
             samples.add(api_key, who, api_ms);
+            if let Some(ms) = metrics_ms {
+                samples.add(metrics_key, who, ms);
+            }
         }
     }
     samples.add("rounds", who, 1.0);
@@ -274,9 +279,44 @@ fn rss_bytes(pid: u32) -> Option<f64> {
     Some(kb * 1024.0)
 }
 
+/// Median milliseconds of five `GET <path>`s on the gateway's controller.
+fn api_ms(topo: &Topology, path: &str) -> Result<f64> {
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let out = Topology::exec(&topo.gateway, Path::new("curl"))
+            .args([
+                "-sf",
+                "-H",
+                "Authorization: Bearer bench",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{time_total}",
+                &format!("http://127.0.0.1:9090{path}"),
+            ])
+            .output()?;
+        if out.status.success()
+            && let Ok(secs) = String::from_utf8_lossy(&out.stdout).trim().parse::<f64>()
+        {
+            times.push(secs * 1000.0);
+        }
+    }
+    if times.is_empty() {
+        bail!("GET {path} failed");
+    }
+    Ok(median_min_max(&times).0)
+}
+
 /// Holds `n` idle connections through the gateway: (RSS growth per connection in bytes,
-/// median milliseconds for the gateway's `GET /connections`).
-fn scale(topo: &Topology, me: &Path, pid: u32, n: usize) -> Result<(f64, f64)> {
+/// median milliseconds for the gateway's `GET /connections`, and for `GET /metrics` when
+/// `metrics`).
+fn scale(
+    topo: &Topology,
+    me: &Path,
+    pid: u32,
+    n: usize,
+    metrics: bool,
+) -> Result<(f64, f64, Option<f64>)> {
     let open_fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     let baseline = open_fds();
     let before = rss_bytes(pid).context("gateway RSS")?;
@@ -295,29 +335,12 @@ fn scale(topo: &Topology, me: &Path, pid: u32, n: usize) -> Result<(f64, f64)> {
     // Let the gateway finish accepting and dialing.
     std::thread::sleep(Duration::from_millis(500 + n as u64 / 20));
     let after = rss_bytes(pid).context("gateway RSS")?;
-    let mut times = Vec::new();
-    for _ in 0..5 {
-        let out = Topology::exec(&topo.gateway, Path::new("curl"))
-            .args([
-                "-sf",
-                "-H",
-                "Authorization: Bearer bench",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{time_total}",
-                "http://127.0.0.1:9090/connections",
-            ])
-            .output()?;
-        if out.status.success()
-            && let Ok(secs) = String::from_utf8_lossy(&out.stdout).trim().parse::<f64>()
-        {
-            times.push(secs * 1000.0);
-        }
-    }
-    if times.is_empty() {
-        bail!("GET /connections failed");
-    }
+    let connections = api_ms(topo, "/connections")?;
+    let metrics_ms = if metrics {
+        Some(api_ms(topo, "/metrics")?)
+    } else {
+        None
+    };
     // Release the connections and let the gateway drain before the next run.
     drop(holder);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -326,7 +349,8 @@ fn scale(topo: &Topology, me: &Path, pid: u32, n: usize) -> Result<(f64, f64)> {
     }
     Ok((
         (after - before).max(0.0) / n as f64,
-        median_min_max(&times).0,
+        connections,
+        metrics_ms,
     ))
 }
 

@@ -3,7 +3,7 @@
 use super::{Durations, Samples, contenders::Contender, open_files_limit};
 
 /// Workloads in report order: (key, description, unit, higher is better).
-pub(super) const METRICS: [(&str, &str, &str, bool); 13] = [
+pub(super) const METRICS: [(&str, &str, &str, bool); 15] = [
     ("tput1", "TCP throughput, 1 stream", "Gbit/s", true),
     ("tput8", "TCP throughput, 8 streams", "Gbit/s", true),
     ("cpu1", "gateway CPU per GB, 1 stream", "CPU s/GB", false),
@@ -35,6 +35,12 @@ pub(super) const METRICS: [(&str, &str, &str, bool); 13] = [
         false,
     ),
     (
+        "metrics_small",
+        "GET /metrics (scale run, small)",
+        "ms",
+        false,
+    ),
+    (
         "rss_large",
         "RSS per idle connection (scale run, large)",
         "bytes",
@@ -43,6 +49,12 @@ pub(super) const METRICS: [(&str, &str, &str, bool); 13] = [
     (
         "api_large",
         "GET /connections (scale run, large)",
+        "ms",
+        false,
+    ),
+    (
+        "metrics_large",
+        "GET /metrics (scale run, large)",
         "ms",
         false,
     ),
