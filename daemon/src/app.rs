@@ -116,6 +116,17 @@ impl App {
         // First: accounting moves the process into its cgroup before any socket exists.
         let accounting = Accounting::start(&config.accounting(), &core.cancel, &core.tracker)?;
         let registry = Arc::new(Registry::new(accounting, config.closed_connections.get()));
+        if config.storage.enable {
+            let path = config
+                .storage
+                .path
+                .clone()
+                .unwrap_or_else(|| dir.join(crate::store::FILE));
+            registry.set_store(crate::store::Store::start(
+                &path,
+                config.storage.retention_days.0 as u32,
+            ));
+        }
         let (rates, sampler) = speed::start(registry.clone(), flows.cancel.clone());
         flows.tracker.spawn(sampler);
         let health = Arc::new(crate::outbound::Health::new(Some(dir.clone())));
@@ -236,6 +247,10 @@ impl App {
         self.flows.cancel.cancel();
         self.registry.close_all();
         self.flows.stop("flows").await;
+        // Every flow has its final totals now: commit them.
+        if let Some(store) = self.registry.store().cloned() {
+            let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        }
         self.health.affinity.save();
         self.core.stop("accounting").await;
     }

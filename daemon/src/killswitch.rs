@@ -188,7 +188,7 @@ mod tests {
     #[test]
     fn sampling_quickens_near_the_limit() {
         let gib = 1 << 30;
-        let steps: Vec<u64> = [0, gib / 2, gib * 8 / 10, gib * 96 / 100, 2 * gib]
+        let steps: Vec<u64> = [0, gib / 2, gib * 85 / 100, gib * 96 / 100, 2 * gib]
             .iter()
             .map(|&u| interval(u, gib).as_millis() as u64)
             .collect();

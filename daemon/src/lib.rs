@@ -30,4 +30,5 @@ pub mod snapshot;
 pub mod sniff;
 pub mod speed;
 pub mod state;
+pub mod store;
 pub mod tls;

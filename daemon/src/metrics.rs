@@ -293,10 +293,60 @@ pub fn render(state: &ApiState) -> String {
         crate::speed::rss() as i64,
     );
     killswitch(&mut prom, &state.pipeline.killswitch);
+    if let Some(store) = registry.store() {
+        history(&mut prom, store);
+    }
     let mut text = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut text, &prom);
     prometheus_text(&text)
+}
+
+fn history(prom: &mut Prom, store: &crate::store::Store) {
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    let c = &store.counts;
+    counter(
+        prom,
+        "store_flows_written",
+        "Closed flows committed to the history",
+        load(&c.written),
+    );
+    counter(
+        prom,
+        "store_batches",
+        "History transactions committed",
+        load(&c.batches),
+    );
+    gauge(
+        prom,
+        "store_last_batch_microseconds",
+        "How long the last history commit took",
+        load(&c.last_batch_us) as i64,
+    );
+    gauge(
+        prom,
+        "store_pending_flows",
+        "Closed flows queued or waiting for a retry",
+        load(&c.pending) as i64,
+    );
+    counter(
+        prom,
+        "store_errors",
+        "History writes or opens that failed (their flows wait for a retry)",
+        load(&c.errors),
+    );
+    counter(
+        prom,
+        "store_dropped_flows",
+        "Closed flows the history lost (queue or retry buffer full)",
+        load(&c.dropped),
+    );
+    gauge(
+        prom,
+        "store_database_bytes",
+        "The history database and its write-ahead log",
+        store.size().min(i64::MAX as u64) as i64,
+    );
 }
 
 fn killswitch(prom: &mut Prom, k: &crate::killswitch::KillSwitch) {

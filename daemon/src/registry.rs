@@ -40,6 +40,8 @@ pub struct Registry {
     /// Held for writing while a flow moves from live to the closed ring (and totals), for
     /// reading while totals are summed, so no flow is counted twice or not at all.
     moving: std::sync::RwLock<()>,
+    /// Where closed flows are kept, when history is on.
+    store: std::sync::OnceLock<Arc<crate::store::Store>>,
 }
 
 impl Registry {
@@ -57,7 +59,18 @@ impl Registry {
             opened_by: DashMap::new(),
             closed_by_route: DashMap::new(),
             moving: std::sync::RwLock::new(()),
+            store: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Keeps every flow that closes from now on in `store`.
+    pub fn set_store(&self, store: Arc<crate::store::Store>) {
+        let _ = self.store.set(store);
+    }
+
+    /// The history store, when on.
+    pub fn store(&self) -> Option<&Arc<crate::store::Store>> {
+        self.store.get()
     }
 
     pub fn accounting(&self) -> &Accounting {
@@ -116,6 +129,9 @@ impl Registry {
         let totals = self.accounting.finish(&flow.tracked, self.grace).await;
         let traffic = flow.orient(totals);
         let closed = flow.closed(traffic);
+        if let Some(store) = self.store.get() {
+            store.record(&closed);
+        }
         tracing::info!(
             "[{}] {} --> {}{} match {}{} using {} closed: up {} B, down {} B",
             flow.meta.network.as_str().to_uppercase(),

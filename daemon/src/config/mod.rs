@@ -57,6 +57,8 @@ pub struct Config {
     pub memory_kill_all: bool,
     /// Seconds new flows are refused after a trip.
     pub memory_cooldown: Seconds<0, 3600>,
+    /// tpacct's history of closed flows (SQLite).
+    pub storage: StorageConfig,
     /// mihomo's `tproxy-port`: TCP and UDP TPROXY listener port; 0 turns it off.
     pub tproxy_port: u16,
     /// mihomo's `bind-address`: `*` (all addresses, IPv4 and IPv6) or one address.
@@ -146,6 +148,28 @@ pub struct Config {
     pub source: Option<PathBuf>,
 }
 
+/// `storage:`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Keep every closed flow.
+    pub enable: bool,
+    /// The database file; default `history.db` in the state directory.
+    pub path: Option<PathBuf>,
+    /// Days closed flows are kept (per-minute rollups: 400 days).
+    pub retention_days: Count<1, 36_500>,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            enable: true,
+            path: None,
+            retention_days: Count(90),
+        }
+    }
+}
+
 /// `tls:`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
@@ -188,6 +212,7 @@ impl Default for Config {
             memory_limit: None,
             memory_kill_all: false,
             memory_cooldown: Seconds(10),
+            storage: StorageConfig::default(),
             tproxy_port: 7893,
             bind_address: BindAddress::Any,
             mixed_port: 0,

@@ -16,6 +16,7 @@ mod cli;
 mod firewall;
 mod groups;
 mod groups_checks;
+mod history;
 mod killswitch;
 mod metrics;
 mod mixed;
@@ -50,6 +51,7 @@ fn main() {
         firewall::tests(),
         groups::tests(),
         groups_checks::tests(),
+        history::tests(),
         killswitch::tests(),
         metrics::tests(),
         mixed::tests(),
