@@ -154,6 +154,12 @@ fn gauge(prom: &mut Prom, name: &str, help: &str, value: i64) {
     prom.register(name, help, g);
 }
 
+fn gauge_f64(prom: &mut Prom, name: &str, help: &str, value: f64) {
+    let g = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    g.set(value);
+    prom.register(name, help, g);
+}
+
 fn counter(prom: &mut Prom, name: &str, help: &str, value: u64) {
     let c = Counter::<u64>::default();
     c.inc_by(value);
@@ -317,11 +323,11 @@ fn history(prom: &mut Prom, store: &crate::store::Store) {
         "History transactions committed",
         load(&c.batches),
     );
-    gauge(
+    gauge_f64(
         prom,
-        "store_last_batch_microseconds",
+        "store_last_batch_seconds",
         "How long the last history commit took",
-        load(&c.last_batch_us) as i64,
+        load(&c.last_batch_us) as f64 / 1e6,
     );
     gauge(
         prom,

@@ -118,6 +118,13 @@ impl Registry {
         (closed, self.live())
     }
 
+    /// The closed flows still in the ring (newest first) and the live flows, read in one step:
+    /// no flow is in both or in neither.
+    pub fn recent_and_live(&self) -> (Vec<ClosedFlow>, Vec<LiveFlow>) {
+        let _moving = self.moving.read().unwrap_or_else(|p| p.into_inner());
+        (self.closed(usize::MAX), self.live())
+    }
+
     /// The flow's counters now.
     pub fn traffic(&self, flow: &Flow) -> Traffic {
         flow.orient(self.accounting.live(&flow.tracked))

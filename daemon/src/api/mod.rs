@@ -10,6 +10,7 @@ mod delay;
 mod providers;
 mod proxies;
 mod server;
+mod stats;
 mod streams;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -178,8 +179,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/configs/geo", post(control::update_geo))
         .route("/restart", post(control::restart))
         .route("/metrics", get(metrics))
+        .route("/api/v1/stats", get(stats::stats))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require))
+        // Liveness without credentials, as the seed system's agents probe it.
+        .route("/api/v1/health", get(stats::health))
         .with_state(state.clone());
     api.layer(middleware::from_fn(limit_body))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))

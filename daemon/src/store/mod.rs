@@ -3,6 +3,7 @@
 //! at most [`BATCH_WINDOW`] after a flow closes, keeps what it could not write (the database
 //! full, read-only or missing) in a bounded buffer, retries, and counts every loss.
 
+pub mod query;
 mod schema;
 mod writer;
 
@@ -193,6 +194,11 @@ impl Store {
         if let Some(t) = thread {
             let _ = t.join();
         }
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The database file and its write-ahead log, in bytes.

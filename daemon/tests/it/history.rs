@@ -20,6 +20,7 @@ use crate::{
         daemon::Daemon,
         harness::Skip,
         topo::{SERVER4, SERVER6, Topology, socket, spawn_in, with_gateway},
+        upstreams::{fetch, identify_server},
     },
     metrics::{parsed, scrape, sum},
     tproxy_tcp::exchange,
@@ -318,4 +319,107 @@ crate::tests![
     root known_transfers_are_kept_exactly,
     root a_sigkill_loses_no_flow_closed_a_second_before,
     root a_full_disk_never_stops_the_relaying,
+    root stats_are_exact_up_to_now_and_refuse_bad_queries,
 ];
+
+/// GET `path` on the gateway's controller: status and JSON body.
+fn api(topo: &Topology, path: &str) -> (u16, serde_json::Value) {
+    crate::common::topo::http(topo, "GET", path)
+}
+
+fn stats_are_exact_up_to_now_and_refuse_bad_queries() {
+    with_gateway(
+        "history_stats",
+        AccountingMode::Ebpf,
+        |_| {},
+        |topo, gw| {
+            identify_server(&topo.server, socket(SERVER4, 80));
+            identify_server(&topo.server, socket(SERVER6, 80));
+            // Two closed flows, to each address family, of known sizes.
+            let (_, up4, down4) = fetch(&topo.client, socket(SERVER4, 80), "four", 7_000);
+            let (_, up6, down6) = fetch(&topo.client, socket(SERVER6, 80), "six", 70_000);
+            // A live one: half a request, which the server waits on.
+            const HALF: &[u8] = b"GET /1 HTTP/1.1\r\nHost: held\r\n";
+            let held = Topology::run_in(&topo.client, || {
+                let mut c = TcpStream::connect(socket(SERVER4, 80)).expect("connect");
+                c.write_all(HALF).expect("write");
+                c
+            });
+            let live_up = HALF.len() as u64;
+            gw.wait_until(10, "two closed, one live at its bytes", |r| {
+                r.live_count() == 1
+                    && r.live()[0].traffic.upload == live_up
+                    && r.closed(10).len() == 2
+            });
+            let (status, body) = api(topo, "/api/v1/stats?type=summary");
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["status"], "success");
+            let total_up = up4 + up6 + live_up;
+            let total_down = down4 + down6;
+            assert_eq!(
+                body["data"],
+                serde_json::json!({
+                    "count": 3, "upload": total_up, "download": total_down,
+                    "total": total_up + total_down
+                })
+            );
+            let (_, body) = api(
+                topo,
+                "/api/v1/stats?type=group&group_by=destination&sort_by=count",
+            );
+            assert_eq!(
+                body["data"],
+                serde_json::json!([
+                    { "destination": SERVER4, "count": 2, "upload": up4 + live_up,
+                      "download": down4, "total": up4 + live_up + down4 },
+                    { "destination": SERVER6, "count": 1, "upload": up6,
+                      "download": down6, "total": up6 + down6 },
+                ])
+            );
+            let (_, body) = api(topo, "/api/v1/stats?type=group&group_by=host&limit=1");
+            assert_eq!(body["data"][0]["host"], "six", "the biggest host first");
+            let (_, body) = api(
+                topo,
+                "/api/v1/stats?type=timeseries&interval=minute&metric=download",
+            );
+            let series: u64 = body["data"]
+                .as_array()
+                .expect("points")
+                .iter()
+                .map(|p| p["value"].as_u64().expect("value"))
+                .sum();
+            assert_eq!(series, total_down);
+            let (_, body) = api(
+                topo,
+                &format!(
+                    "/api/v1/stats?type=summary&source={}&network=TCP",
+                    crate::common::topo::CLIENT4
+                ),
+            );
+            assert_eq!(body["data"]["count"], 2);
+            let (_, body) = api(topo, "/api/v1/stats?type=summary&to=2000-01-01T00:00:00Z");
+            assert_eq!(body["data"]["count"], 0, "nothing ended before 2000");
+            for bad in [
+                "type=bogus",
+                "type=group",
+                "type=group&group_by=colour",
+                "type=timeseries&interval=fortnight",
+                "type=summary&from=yesterday",
+                "type=summary&from=2030-01-01T00:00:00Z&to=2020-01-01T00:00:00Z",
+                "type=group&group_by=rule&limit=0",
+                "type=group&group_by=rule&sort_order=sideways",
+                "type=summary&colour=red",
+            ] {
+                let (status, body) = api(topo, &format!("/api/v1/stats?{bad}"));
+                assert_eq!(status, 400, "{bad}: {body}");
+                assert_eq!(body["status"], "error", "{bad}");
+                assert!(
+                    body["message"].as_str().is_some_and(|m| !m.is_empty()),
+                    "{bad}"
+                );
+                assert!(body["data"].is_null(), "{bad}");
+            }
+            drop(held);
+        },
+    );
+}

@@ -1,0 +1,185 @@
+//! `/api/v1/stats` and `/api/v1/health`: the history's summary, groups and time series in
+//! the shape mihomo-connections-tracker's users know (`{status, data, message}`), exact up to
+//! now: live flows count at their current bytes.
+
+use std::{collections::HashMap, sync::Arc};
+
+use axum::{
+    Json,
+    extract::{Query as Params, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use serde_json::{Value, json};
+
+use super::ApiState;
+use crate::store::{
+    Row,
+    query::{self, FILTERS, GROUPS, INTERVALS, Query},
+};
+
+/// A stats answer: 200 with `data`, or an error status with `message`.
+fn envelope(status: StatusCode, result: Result<Value, String>) -> Response {
+    let body = match result {
+        Ok(data) => json!({ "status": "success", "data": data, "message": null }),
+        Err(message) => json!({ "status": "error", "data": null, "message": message }),
+    };
+    (status, Json(body)).into_response()
+}
+
+fn bad(message: impl Into<String>) -> (StatusCode, String) {
+    (StatusCode::BAD_REQUEST, message.into())
+}
+
+pub(super) async fn health() -> &'static str {
+    "OK"
+}
+
+const KNOWN: &[&str] = &[
+    "type",
+    "group_by",
+    "interval",
+    "metric",
+    "from",
+    "to",
+    "limit",
+    "sort_by",
+    "sort_order",
+];
+
+fn time(params: &HashMap<String, String>, key: &str) -> Result<Option<i64>, (StatusCode, String)> {
+    params
+        .get(key)
+        .map(|v| {
+            humantime::parse_rfc3339_weak(v)
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis() as i64)
+                .ok_or_else(|| bad(format!("{key}: {v:?} is not an RFC 3339 time")))
+        })
+        .transpose()
+}
+
+fn one_of<'a>(
+    params: &'a HashMap<String, String>,
+    key: &str,
+    allowed: &[&str],
+    default: Option<&'a str>,
+) -> Result<&'a str, (StatusCode, String)> {
+    match params.get(key).map(String::as_str).or(default) {
+        Some(v) if allowed.contains(&v) => Ok(v),
+        Some(v) => Err(bad(format!(
+            "{key}: {v:?} is not one of {}",
+            allowed.join(", ")
+        ))),
+        None => Err(bad(format!("{key} is required"))),
+    }
+}
+
+fn parse(params: &HashMap<String, String>) -> Result<(Query, String), (StatusCode, String)> {
+    if let Some(unknown) = params
+        .keys()
+        .find(|k| !KNOWN.contains(&k.as_str()) && !FILTERS.iter().any(|(f, _)| f == k))
+    {
+        return Err(bad(format!("unknown parameter {unknown:?}")));
+    }
+    let from_ms = time(params, "from")?;
+    let to_ms = time(params, "to")?;
+    if let (Some(f), Some(t)) = (from_ms, to_ms)
+        && f > t
+    {
+        return Err(bad("from is after to"));
+    }
+    let filters = FILTERS
+        .iter()
+        .filter_map(|(name, column)| params.get(*name).map(|v| (*column, v.clone())))
+        .collect();
+    let kind = one_of(params, "type", &["summary", "group", "timeseries"], None)?;
+    Ok((
+        Query {
+            from_ms,
+            to_ms,
+            filters,
+        },
+        kind.to_owned(),
+    ))
+}
+
+/// Flows the database may not hold yet: the recently closed ring and the live flows.
+fn unsaved(state: &ApiState) -> Vec<Row> {
+    let (recent, live) = state.registry.recent_and_live();
+    recent
+        .iter()
+        .map(Row::of)
+        .chain(live.iter().map(|l| Row::of(&l.flow.closed(l.traffic))))
+        .collect()
+}
+
+fn answer(
+    state: &ApiState,
+    params: &HashMap<String, String>,
+) -> Result<Value, (StatusCode, String)> {
+    let (q, kind) = parse(params)?;
+    let store = state.registry.store().ok_or((
+        StatusCode::NOT_FOUND,
+        "history is off (storage.enable: false)".to_owned(),
+    ))?;
+    let conn = query::open(store.path(), &unsaved(state))
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("history: {e}")))?;
+    let failed = |e: rusqlite::Error| (StatusCode::INTERNAL_SERVER_ERROR, format!("query: {e}"));
+    match kind.as_str() {
+        "summary" => query::summary(&conn, &q).map_err(failed),
+        "group" => {
+            let names: Vec<&str> = GROUPS.iter().map(|g| g.0).collect();
+            let by = one_of(params, "group_by", &names, None)?;
+            let (_, key, expr) = GROUPS
+                .iter()
+                .find(|g| g.0 == by)
+                .copied()
+                .unwrap_or(GROUPS[0]);
+            let sort_by = one_of(
+                params,
+                "sort_by",
+                &["count", "download", "upload", "total"],
+                Some("total"),
+            )?;
+            let order = one_of(params, "sort_order", &["asc", "desc"], Some("desc"))?;
+            let limit = match params.get("limit") {
+                None => 100,
+                Some(v) => v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=10_000).contains(n))
+                    .ok_or_else(|| bad(format!("limit: {v:?} is not a number from 1 to 10000")))?,
+            };
+            query::group(&conn, &q, (key, expr), (sort_by, order == "desc"), limit).map_err(failed)
+        }
+        _ => {
+            let names: Vec<&str> = INTERVALS.iter().map(|i| i.0).collect();
+            let interval = one_of(params, "interval", &names, None)?;
+            let bucket = INTERVALS
+                .iter()
+                .find(|i| i.0 == interval)
+                .map_or(INTERVALS[0].1, |i| i.1);
+            let metric = one_of(
+                params,
+                "metric",
+                &["connections", "download", "upload", "total"],
+                Some("total"),
+            )?;
+            query::timeseries(&conn, &q, bucket, metric).map_err(failed)
+        }
+    }
+}
+
+pub(super) async fn stats(
+    State(state): State<Arc<ApiState>>,
+    Params(params): Params<HashMap<String, String>>,
+) -> Response {
+    let result = tokio::task::spawn_blocking(move || answer(&state, &params)).await;
+    match result {
+        Ok(Ok(data)) => envelope(StatusCode::OK, Ok(data)),
+        Ok(Err((status, message))) => envelope(status, Err(message)),
+        Err(e) => envelope(StatusCode::INTERNAL_SERVER_ERROR, Err(e.to_string())),
+    }
+}

@@ -1,0 +1,224 @@
+//! Stats over the history, exact to the byte at any moment: the committed rows, plus the
+//! flows the database may not have yet (the registry's recently closed ring and the live
+//! flows, counted at their current bytes) loaded into a temporary table on the reader's own
+//! connection, each flow once (by id).
+
+use std::path::Path;
+
+use rusqlite::{Connection, OpenFlags, ToSql, params_from_iter};
+use serde_json::{Value, json};
+
+use super::Row;
+
+/// What a stats request asks, already validated.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    /// Milliseconds since the epoch, inclusive; flows are placed at their end (now, if live).
+    pub from_ms: Option<i64>,
+    pub to_ms: Option<i64>,
+    /// (column, value) equality filters.
+    pub filters: Vec<(&'static str, String)>,
+}
+
+/// Group-by keys: the request's name, the response's key, the SQL expression.
+pub const GROUPS: &[(&str, &str, &str)] = &[
+    ("network", "network", "network"),
+    ("rule", "rule", "rule"),
+    ("process", "process", "process"),
+    ("destination", "destination", "destination_ip"),
+    (
+        "host",
+        "host",
+        "COALESCE(NULLIF(host, ''), NULLIF(sniff_host, ''), destination_ip)",
+    ),
+    ("chains", "node", "outbound"),
+    ("source", "source", "source_ip"),
+    ("device", "device", "device"),
+    ("outbound", "outbound", "outbound"),
+    ("inbound", "inbound", "inbound"),
+];
+
+/// Filters: the request's name and the column.
+pub const FILTERS: &[(&str, &str)] = &[
+    ("network", "network"),
+    ("rule", "rule"),
+    ("process", "process"),
+    ("destination", "destination_ip"),
+    ("host", "host"),
+    ("source", "source_ip"),
+    ("device", "device"),
+    ("outbound", "outbound"),
+    ("inbound", "inbound"),
+];
+
+/// Time buckets: the request's name and the SQL giving a bucket's start in milliseconds.
+pub const INTERVALS: &[(&str, &str)] = &[
+    ("minute", "end_ms / 60000 * 60000"),
+    ("hour", "end_ms / 3600000 * 3600000"),
+    ("day", "end_ms / 86400000 * 86400000"),
+    // Weeks start on Monday; the epoch was a Thursday.
+    ("week", "((end_ms / 86400000 + 3) / 7 * 7 - 3) * 86400000"),
+    (
+        "month",
+        "CAST(strftime('%s', end_ms / 1000, 'unixepoch', 'start of month') AS INTEGER) * 1000",
+    ),
+];
+
+const COLUMNS: &str = "id, start_ms, end_ms, network, inbound, inbound_type, source_ip, \
+    source_port, destination_ip, destination_port, host, sniff_host, process, process_path, \
+    uid, rule, rule_payload, chains, outbound, device, upload, download";
+
+/// A read-only connection with `extra` (flows the database may not hold yet) in `mem_flows`.
+pub fn open(path: &Path, extra: &[Row]) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.execute_batch(&format!(
+        "CREATE TEMP TABLE mem_flows AS SELECT {COLUMNS} FROM main.flows WHERE 0"
+    ))?;
+    {
+        let mut insert = conn.prepare(&format!(
+            "INSERT INTO temp.mem_flows ({COLUMNS}) VALUES \
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+              ?19, ?20, ?21, ?22)"
+        ))?;
+        for r in extra {
+            insert.execute(rusqlite::params![
+                r.id,
+                r.start_ms,
+                r.end_ms,
+                r.network,
+                r.inbound,
+                r.inbound_type,
+                r.source_ip,
+                r.source_port,
+                r.destination_ip,
+                r.destination_port,
+                r.host,
+                r.sniff_host,
+                r.process,
+                r.process_path,
+                r.uid,
+                r.rule,
+                r.rule_payload,
+                r.chains,
+                r.outbound,
+                r.device,
+                r.upload as i64,
+                r.download as i64,
+            ])?;
+        }
+    }
+    Ok(conn)
+}
+
+/// The rows a query sees, and their parameters.
+fn source(q: &Query) -> (String, Vec<Box<dyn ToSql>>) {
+    let mut conds = Vec::new();
+    let mut args: Vec<Box<dyn ToSql>> = Vec::new();
+    if let Some(from) = q.from_ms {
+        conds.push("end_ms >= ?".to_owned());
+        args.push(Box::new(from));
+    }
+    if let Some(to) = q.to_ms {
+        conds.push("end_ms <= ?".to_owned());
+        args.push(Box::new(to));
+    }
+    for (column, value) in &q.filters {
+        if *column == "network" {
+            conds.push(format!("{column} = lower(?)"));
+        } else {
+            conds.push(format!("{column} = ?"));
+        }
+        args.push(Box::new(value.clone()));
+    }
+    let filter = if conds.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conds.join(" AND "))
+    };
+    (
+        format!(
+            "(SELECT * FROM (SELECT {COLUMNS} FROM main.flows \
+              WHERE id NOT IN (SELECT id FROM temp.mem_flows) \
+              UNION ALL SELECT {COLUMNS} FROM temp.mem_flows) {filter})"
+        ),
+        args,
+    )
+}
+
+const SUMS: &str = "COUNT(*) AS count, COALESCE(SUM(download), 0) AS download, \
+    COALESCE(SUM(upload), 0) AS upload, COALESCE(SUM(upload + download), 0) AS total";
+
+/// `{count, download, upload, total}`.
+pub fn summary(conn: &Connection, q: &Query) -> rusqlite::Result<Value> {
+    let (from, args) = source(q);
+    conn.query_row(
+        &format!("SELECT {SUMS} FROM {from}"),
+        params_from_iter(args.iter()),
+        |r| {
+            Ok(json!({
+                "count": r.get::<_, i64>(0)?,
+                "download": r.get::<_, i64>(1)?,
+                "upload": r.get::<_, i64>(2)?,
+                "total": r.get::<_, i64>(3)?,
+            }))
+        },
+    )
+}
+
+/// One entry per group: `{<key>: value, count, download, upload, total}`, sorted and limited.
+pub fn group(
+    conn: &Connection,
+    q: &Query,
+    (key, expr): (&str, &str),
+    (sort_by, descending): (&str, bool),
+    limit: u32,
+) -> rusqlite::Result<Value> {
+    let (from, args) = source(q);
+    let order = if descending { "DESC" } else { "ASC" };
+    let sql = format!(
+        "SELECT {expr} AS grp, {SUMS} FROM {from} GROUP BY grp \
+         ORDER BY {sort_by} {order}, grp ASC LIMIT {limit}"
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map(params_from_iter(args.iter()), |r| {
+        let mut entry = serde_json::Map::new();
+        entry.insert(key.to_owned(), json!(r.get::<_, Option<String>>(0)?));
+        entry.insert("count".into(), json!(r.get::<_, i64>(1)?));
+        entry.insert("download".into(), json!(r.get::<_, i64>(2)?));
+        entry.insert("upload".into(), json!(r.get::<_, i64>(3)?));
+        entry.insert("total".into(), json!(r.get::<_, i64>(4)?));
+        Ok(Value::Object(entry))
+    })?;
+    rows.collect::<Result<Vec<_>, _>>().map(Value::Array)
+}
+
+/// `[{time, value}]` for each bucket that has flows, oldest first.
+pub fn timeseries(
+    conn: &Connection,
+    q: &Query,
+    bucket: &str,
+    metric: &str,
+) -> rusqlite::Result<Value> {
+    let (from, args) = source(q);
+    let sql = format!("SELECT {bucket} AS t, {SUMS} FROM {from} GROUP BY t ORDER BY t ASC");
+    let column = match metric {
+        "connections" => 1,
+        "download" => 2,
+        "upload" => 3,
+        _ => 4,
+    };
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map(params_from_iter(args.iter()), |r| {
+        let t: i64 = r.get(0)?;
+        let time = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(t.max(0) as u64),
+        )
+        .to_string();
+        Ok(json!({ "time": time, "value": r.get::<_, i64>(column)? }))
+    })?;
+    rows.collect::<Result<Vec<_>, _>>().map(Value::Array)
+}
