@@ -122,9 +122,14 @@ impl App {
                 .path
                 .clone()
                 .unwrap_or_else(|| dir.join(crate::store::FILE));
+            let devices = Arc::new(crate::devices::Devices::new(
+                config.dhcp_leases.clone(),
+                &config.devices,
+            ));
             registry.set_store(crate::store::Store::start(
                 &path,
                 config.storage.retention_days.0 as u32,
+                devices,
             ));
         }
         let (rates, sampler) = speed::start(registry.clone(), flows.cancel.clone());

@@ -10,6 +10,7 @@ pub mod api;
 pub mod app;
 pub mod cgroup;
 pub mod config;
+pub mod devices;
 pub mod fetch;
 pub mod firewall;
 pub mod flow;

@@ -154,6 +154,9 @@ pub struct Tracked {
     meter: Meter,
     /// Whether the kernel counts this socket.
     in_kernel: bool,
+    /// The highest counters read so far: between the kernel dropping a closed socket's entry
+    /// and its close event arriving, a reading falls back to them rather than to zero.
+    seen: Cells,
 }
 
 impl Tracked {
@@ -270,6 +273,7 @@ impl Accounting {
             proto,
             meter,
             in_kernel,
+            seen: Cells::default(),
         })
     }
 
@@ -282,16 +286,22 @@ impl Accounting {
             proto,
             meter: Meter(Some(Arc::default())),
             in_kernel: false,
+            seen: Cells::default(),
         }
     }
 
     /// The socket's counters now.
     pub fn live(&self, t: &Tracked) -> Counters {
-        match &self.backend {
+        let now = match &self.backend {
             Backend::Ebpf(k) if t.in_kernel => {
                 k.live(t.cookie, t.proto).unwrap_or_else(|| t.meter.read())
             }
             _ => t.meter.read(),
+        };
+        // Counters only grow: never report less than was reported before.
+        Counters {
+            rx: t.seen.rx.fetch_max(now.rx, Ordering::Relaxed).max(now.rx),
+            tx: t.seen.tx.fetch_max(now.tx, Ordering::Relaxed).max(now.tx),
         }
     }
 

@@ -180,6 +180,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/restart", post(control::restart))
         .route("/metrics", get(metrics))
         .route("/api/v1/stats", get(stats::stats))
+        .route("/api/v1/devices", get(stats::devices))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require))
         // Liveness without credentials, as the seed system's agents probe it.

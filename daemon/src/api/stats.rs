@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::ApiState;
 use crate::store::{
-    Row,
+    Row, Store,
     query::{self, FILTERS, GROUPS, INTERVALS, Query},
 };
 
@@ -106,13 +106,55 @@ fn parse(params: &HashMap<String, String>) -> Result<(Query, String), (StatusCod
 }
 
 /// Flows the database may not hold yet: the recently closed ring and the live flows.
-fn unsaved(state: &ApiState) -> Vec<Row> {
+fn unsaved(state: &ApiState, store: &Store) -> Vec<Row> {
     let (recent, live) = state.registry.recent_and_live();
     recent
         .iter()
-        .map(Row::of)
-        .chain(live.iter().map(|l| Row::of(&l.flow.closed(l.traffic))))
+        .map(|c| store.row(c))
+        .chain(live.iter().map(|l| store.row(&l.flow.closed(l.traffic))))
         .collect()
+}
+
+/// The history's store and a query connection holding what it may not have yet.
+fn connect(state: &ApiState) -> Result<(&Store, rusqlite::Connection), (StatusCode, String)> {
+    let store = state.registry.store().ok_or((
+        StatusCode::NOT_FOUND,
+        "history is off (storage.enable: false)".to_owned(),
+    ))?;
+    let conn = query::open(store.path(), &unsaved(state, store))
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("history: {e}")))?;
+    Ok((store, conn))
+}
+
+fn failed(e: rusqlite::Error) -> (StatusCode, String) {
+    (StatusCode::INTERNAL_SERVER_ERROR, format!("query: {e}"))
+}
+
+/// `GET /api/v1/devices`: every device with its addresses, name and usage today, this month
+/// and in all (UTC days and months).
+pub(super) async fn devices(State(state): State<Arc<ApiState>>) -> Response {
+    let result = tokio::task::spawn_blocking(move || {
+        let (store, conn) = connect(&state)?;
+        let mut list = query::devices(&conn, std::time::SystemTime::now()).map_err(failed)?;
+        for d in list.iter_mut() {
+            let id = d["device"].as_str().unwrap_or_default().to_owned();
+            let name = store.devices.name(&id).or_else(|| {
+                d["ips"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find_map(|ip| store.devices.name(ip.as_str().unwrap_or_default()))
+            });
+            d["hostname"] = json!(name);
+        }
+        Ok::<_, (StatusCode, String)>(Value::Array(list))
+    })
+    .await;
+    match result {
+        Ok(Ok(data)) => envelope(StatusCode::OK, Ok(data)),
+        Ok(Err((status, message))) => envelope(status, Err(message)),
+        Err(e) => envelope(StatusCode::INTERNAL_SERVER_ERROR, Err(e.to_string())),
+    }
 }
 
 fn answer(
@@ -120,13 +162,7 @@ fn answer(
     params: &HashMap<String, String>,
 ) -> Result<Value, (StatusCode, String)> {
     let (q, kind) = parse(params)?;
-    let store = state.registry.store().ok_or((
-        StatusCode::NOT_FOUND,
-        "history is off (storage.enable: false)".to_owned(),
-    ))?;
-    let conn = query::open(store.path(), &unsaved(state))
-        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("history: {e}")))?;
-    let failed = |e: rusqlite::Error| (StatusCode::INTERNAL_SERVER_ERROR, format!("query: {e}"));
+    let (_, conn) = connect(state)?;
     match kind.as_str() {
         "summary" => query::summary(&conn, &q).map_err(failed),
         "group" => {

@@ -59,6 +59,10 @@ pub struct Config {
     pub memory_cooldown: Seconds<0, 3600>,
     /// tpacct's history of closed flows (SQLite).
     pub storage: StorageConfig,
+    /// tpacct's device names: a MAC or an address → a name (nlbwmon's hosts).
+    pub devices: IndexMap<String, String>,
+    /// tpacct's: a DHCP lease file naming devices (dnsmasq, ISC dhcpd or Kea CSV).
+    pub dhcp_leases: Option<PathBuf>,
     /// mihomo's `tproxy-port`: TCP and UDP TPROXY listener port; 0 turns it off.
     pub tproxy_port: u16,
     /// mihomo's `bind-address`: `*` (all addresses, IPv4 and IPv6) or one address.
@@ -213,6 +217,8 @@ impl Default for Config {
             memory_kill_all: false,
             memory_cooldown: Seconds(10),
             storage: StorageConfig::default(),
+            devices: IndexMap::new(),
+            dhcp_leases: None,
             tproxy_port: 7893,
             bind_address: BindAddress::Any,
             mixed_port: 0,

@@ -133,6 +133,8 @@ enum Msg {
 #[derive(Debug)]
 pub struct Store {
     tx: SyncSender<Msg>,
+    /// Which device each flow's source is.
+    pub devices: Arc<crate::devices::Devices>,
     path: PathBuf,
     pub counts: Arc<Counts>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -150,22 +152,35 @@ impl std::fmt::Debug for Msg {
 impl Store {
     /// Starts the writer for the database at `path` (made, and migrated, by the writer: a
     /// database that cannot be opened yet is retried while rows wait).
-    pub fn start(path: &Path, retention_days: u32) -> Arc<Store> {
+    pub fn start(
+        path: &Path,
+        retention_days: u32,
+        devices: Arc<crate::devices::Devices>,
+    ) -> Arc<Store> {
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let counts = Arc::new(Counts::default());
         let thread = writer::spawn(path.to_owned(), retention_days, rx, counts.clone());
         tracing::info!("history: {} (schema {})", path.display(), SCHEMA_VERSION);
         Arc::new(Store {
             tx,
+            devices,
             path: path.to_owned(),
             counts,
             thread: Mutex::new(Some(thread)),
         })
     }
 
+    /// The row for `flow`, its device named.
+    pub fn row(&self, flow: &ClosedFlow) -> Row {
+        Row {
+            device: self.devices.id(flow.meta.source.ip(), flow.start),
+            ..Row::of(flow)
+        }
+    }
+
     /// Queues a closed flow; never waits.
     pub fn record(&self, flow: &ClosedFlow) {
-        match self.tx.try_send(Msg::Row(Box::new(Row::of(flow)))) {
+        match self.tx.try_send(Msg::Row(Box::new(self.row(flow)))) {
             Ok(()) => {
                 self.counts.pending.fetch_add(1, Ordering::Relaxed);
             }

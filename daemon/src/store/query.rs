@@ -222,3 +222,64 @@ pub fn timeseries(
     })?;
     rows.collect::<Result<Vec<_>, _>>().map(Value::Array)
 }
+
+/// Milliseconds since the epoch at the start of `now`'s UTC day and month.
+fn day_and_month(now: std::time::SystemTime) -> (i64, i64) {
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let day = secs / 86_400 * 86_400;
+    let text = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(day as u64),
+    )
+    .to_string();
+    let month_start = format!("{}-01T00:00:00Z", &text[..7]);
+    let month = humantime::parse_rfc3339(&month_start)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(day, |d| d.as_secs() as i64);
+    (day * 1000, month * 1000)
+}
+
+/// Per device: `{device, mac, ips, first_seen, last_seen, connections, upload, download,
+/// today, month, total}` (bytes; today and month in UTC), the biggest first.
+pub fn devices(conn: &Connection, now: std::time::SystemTime) -> rusqlite::Result<Vec<Value>> {
+    let (from, args) = source(&Query::default());
+    let (day, month) = day_and_month(now);
+    let sql = format!(
+        "SELECT device, GROUP_CONCAT(DISTINCT source_ip), MIN(start_ms), MAX(end_ms), COUNT(*),
+            SUM(upload), SUM(download),
+            SUM(CASE WHEN end_ms >= {day} THEN upload + download ELSE 0 END),
+            SUM(CASE WHEN end_ms >= {month} THEN upload + download ELSE 0 END),
+            SUM(upload + download) AS total
+         FROM {from} GROUP BY device ORDER BY total DESC, device ASC"
+    );
+    let time = |ms: i64| {
+        humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
+        )
+        .to_string()
+    };
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map(params_from_iter(args.iter()), |r| {
+        let device: String = r.get(0)?;
+        let ips: String = r.get::<_, Option<String>>(1)?.unwrap_or_default();
+        let mut ips: Vec<&str> = ips.split(',').filter(|s| !s.is_empty()).collect();
+        ips.sort_unstable();
+        let is_mac = device.len() == 17 && device.matches(':').count() == 5;
+        Ok(json!({
+            "device": device,
+            "mac": if is_mac { Some(device.clone()) } else { None },
+            "ips": ips,
+            "first_seen": time(r.get(2)?),
+            "last_seen": time(r.get(3)?),
+            "connections": r.get::<_, i64>(4)?,
+            "upload": r.get::<_, i64>(5)?,
+            "download": r.get::<_, i64>(6)?,
+            "today": r.get::<_, i64>(7)?,
+            "month": r.get::<_, i64>(8)?,
+            "total": r.get::<_, i64>(9)?,
+        }))
+    })?;
+    rows.collect()
+}

@@ -13,6 +13,7 @@ mod api_ws;
 mod capabilities;
 mod churn;
 mod cli;
+mod devices;
 mod firewall;
 mod groups;
 mod groups_checks;
@@ -48,6 +49,7 @@ fn main() {
         capabilities::tests(),
         churn::tests(),
         cli::tests(),
+        devices::tests(),
         firewall::tests(),
         groups::tests(),
         groups_checks::tests(),
