@@ -31,6 +31,17 @@ fn bad(message: impl Into<String>) -> (StatusCode, String) {
     (StatusCode::BAD_REQUEST, message.into())
 }
 
+/// Runs `work` off the runtime and answers with its result.
+async fn respond(
+    work: impl FnOnce() -> Result<Value, (StatusCode, String)> + Send + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(data)) => envelope(StatusCode::OK, Ok(data)),
+        Ok(Err((status, message))) => envelope(status, Err(message)),
+        Err(e) => envelope(StatusCode::INTERNAL_SERVER_ERROR, Err(e.to_string())),
+    }
+}
+
 pub(super) async fn health() -> &'static str {
     "OK"
 }
@@ -133,7 +144,7 @@ fn failed(e: rusqlite::Error) -> (StatusCode, String) {
 /// `GET /api/v1/devices`: every device with its addresses, name and usage today, this month
 /// and in all (UTC days and months).
 pub(super) async fn devices(State(state): State<Arc<ApiState>>) -> Response {
-    let result = tokio::task::spawn_blocking(move || {
+    respond(move || {
         let (store, conn) = connect(&state)?;
         let mut list = query::devices(&conn, std::time::SystemTime::now()).map_err(failed)?;
         for d in list.iter_mut() {
@@ -147,14 +158,9 @@ pub(super) async fn devices(State(state): State<Arc<ApiState>>) -> Response {
             });
             d["hostname"] = json!(name);
         }
-        Ok::<_, (StatusCode, String)>(Value::Array(list))
+        Ok(Value::Array(list))
     })
-    .await;
-    match result {
-        Ok(Ok(data)) => envelope(StatusCode::OK, Ok(data)),
-        Ok(Err((status, message))) => envelope(status, Err(message)),
-        Err(e) => envelope(StatusCode::INTERNAL_SERVER_ERROR, Err(e.to_string())),
-    }
+    .await
 }
 
 fn answer(
@@ -212,10 +218,5 @@ pub(super) async fn stats(
     State(state): State<Arc<ApiState>>,
     Params(params): Params<HashMap<String, String>>,
 ) -> Response {
-    let result = tokio::task::spawn_blocking(move || answer(&state, &params)).await;
-    match result {
-        Ok(Ok(data)) => envelope(StatusCode::OK, Ok(data)),
-        Ok(Err((status, message))) => envelope(status, Err(message)),
-        Err(e) => envelope(StatusCode::INTERNAL_SERVER_ERROR, Err(e.to_string())),
-    }
+    respond(move || answer(&state, &params)).await
 }

@@ -26,6 +26,14 @@ pub use schema::VERSION as SCHEMA_VERSION;
 const QUEUE: usize = 65_536;
 /// How long the writer gathers rows before committing them.
 pub const BATCH_WINDOW: Duration = Duration::from_millis(100);
+/// A flow's columns, in the order [`Row::params`] gives them.
+pub(crate) const COLUMNS: &str = "id, start_ms, end_ms, network, inbound, inbound_type, \
+    source_ip, source_port, destination_ip, destination_port, host, sniff_host, process, \
+    process_path, uid, rule, rule_payload, chains, outbound, device, upload, download";
+/// Its placeholders.
+pub(crate) const PLACEHOLDERS: &str = "?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, \
+    ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22";
+
 /// The database file's name in the state directory.
 pub const FILE: &str = "history.db";
 
@@ -82,6 +90,34 @@ fn ms(t: SystemTime) -> i64 {
 }
 
 impl Row {
+    /// The columns, in [`COLUMNS`] order, as statement parameters.
+    pub(crate) fn params(&self) -> [&dyn rusqlite::ToSql; 22] {
+        [
+            &self.id,
+            &self.start_ms,
+            &self.end_ms,
+            &self.network,
+            &self.inbound,
+            &self.inbound_type,
+            &self.source_ip,
+            &self.source_port,
+            &self.destination_ip,
+            &self.destination_port,
+            &self.host,
+            &self.sniff_host,
+            &self.process,
+            &self.process_path,
+            &self.uid,
+            &self.rule,
+            &self.rule_payload,
+            &self.chains,
+            &self.outbound,
+            &self.device,
+            &self.upload,
+            &self.download,
+        ]
+    }
+
     pub fn of(c: &ClosedFlow) -> Row {
         let source_ip = c.meta.source.ip().to_canonical().to_string();
         Row {

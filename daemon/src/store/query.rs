@@ -8,7 +8,7 @@ use std::path::Path;
 use rusqlite::{Connection, OpenFlags, ToSql, params_from_iter};
 use serde_json::{Value, json};
 
-use super::Row;
+use super::{COLUMNS, PLACEHOLDERS, Row};
 
 /// What a stats request asks, already validated.
 #[derive(Debug, Clone, Default)]
@@ -64,10 +64,6 @@ pub const INTERVALS: &[(&str, &str)] = &[
     ),
 ];
 
-const COLUMNS: &str = "id, start_ms, end_ms, network, inbound, inbound_type, source_ip, \
-    source_port, destination_ip, destination_port, host, sniff_host, process, process_path, \
-    uid, rule, rule_payload, chains, outbound, device, upload, download";
-
 /// A read-only connection with `extra` (flows the database may not hold yet) in `mem_flows`.
 pub fn open(path: &Path, extra: &[Row]) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(
@@ -80,35 +76,10 @@ pub fn open(path: &Path, extra: &[Row]) -> rusqlite::Result<Connection> {
     ))?;
     {
         let mut insert = conn.prepare(&format!(
-            "INSERT INTO temp.mem_flows ({COLUMNS}) VALUES \
-             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
-              ?19, ?20, ?21, ?22)"
+            "INSERT INTO temp.mem_flows ({COLUMNS}) VALUES ({PLACEHOLDERS})"
         ))?;
         for r in extra {
-            insert.execute(rusqlite::params![
-                r.id,
-                r.start_ms,
-                r.end_ms,
-                r.network,
-                r.inbound,
-                r.inbound_type,
-                r.source_ip,
-                r.source_port,
-                r.destination_ip,
-                r.destination_port,
-                r.host,
-                r.sniff_host,
-                r.process,
-                r.process_path,
-                r.uid,
-                r.rule,
-                r.rule_payload,
-                r.chains,
-                r.outbound,
-                r.device,
-                r.upload as i64,
-                r.download as i64,
-            ])?;
+            insert.execute(&r.params()[..])?;
         }
     }
     Ok(conn)

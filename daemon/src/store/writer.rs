@@ -15,7 +15,7 @@ use std::{
 
 use rusqlite::{Connection, params};
 
-use super::{BATCH_WINDOW, Counts, Msg, Row, schema};
+use super::{BATCH_WINDOW, COLUMNS, Counts, Msg, PLACEHOLDERS, Row, schema};
 
 /// Rows kept for a retry while the database cannot be written; the oldest go first.
 const MAX_PENDING: usize = 200_000;
@@ -214,14 +214,9 @@ impl Writer {
 fn write<'a>(conn: &mut Connection, rows: impl Iterator<Item = &'a Row>) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
-        let mut flow = tx.prepare_cached(
-            "INSERT OR IGNORE INTO flows (id, start_ms, end_ms, network, inbound, inbound_type,
-                source_ip, source_port, destination_ip, destination_port, host, sniff_host,
-                process, process_path, uid, rule, rule_payload, chains, outbound, device,
-                upload, download)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                ?17, ?18, ?19, ?20, ?21, ?22)",
-        )?;
+        let mut flow = tx.prepare_cached(&format!(
+            "INSERT OR IGNORE INTO flows ({COLUMNS}) VALUES ({PLACEHOLDERS})"
+        ))?;
         let mut rollup = tx.prepare_cached(
             "INSERT INTO rollup_minute (minute, device, network, inbound, rule, outbound,
                 connections, upload, download)
@@ -232,30 +227,7 @@ fn write<'a>(conn: &mut Connection, rows: impl Iterator<Item = &'a Row>) -> rusq
                 download = download + excluded.download",
         )?;
         for r in rows {
-            let inserted = flow.execute(params![
-                r.id,
-                r.start_ms,
-                r.end_ms,
-                r.network,
-                r.inbound,
-                r.inbound_type,
-                r.source_ip,
-                r.source_port,
-                r.destination_ip,
-                r.destination_port,
-                r.host,
-                r.sniff_host,
-                r.process,
-                r.process_path,
-                r.uid,
-                r.rule,
-                r.rule_payload,
-                r.chains,
-                r.outbound,
-                r.device,
-                r.upload as i64,
-                r.download as i64,
-            ])?;
+            let inserted = flow.execute(&r.params()[..])?;
             if inserted == 1 {
                 rollup.execute(params![
                     r.end_ms / 60_000,

@@ -99,14 +99,7 @@ fn one_device_across_addresses_named_by_its_lease() {
                 socket(SERVER4, 80),
                 3_000,
             ));
-            let store = gw.registry.store().expect("history");
-            gw.wait_until(10, "three flows committed", |_| {
-                store
-                    .counts
-                    .written
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    == 3
-            });
+            crate::history::wait_committed(gw, 3);
             let (status, body) = http(topo, "GET", "/api/v1/devices");
             assert_eq!(status, 200, "{body}");
             let total: u64 = moved.iter().map(|(u, d)| u + d).sum();

@@ -22,13 +22,25 @@ use crate::{
         topo::{SERVER4, SERVER6, Topology, socket, spawn_in, with_gateway},
         upstreams::{fetch, identify_server},
     },
-    metrics::{parsed, scrape, sum},
+    metrics::{metric, wait_for},
     tproxy_tcp::exchange,
 };
 
 fn db(path: &Path) -> Connection {
     Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Waits until the gateway's history has committed `n` flows.
+pub(crate) fn wait_committed(gw: &crate::common::topo::Gateway, n: u64) {
+    let store = gw.registry.store().expect("history is on by default");
+    gw.wait_until(10, "the flows committed", |_| {
+        store
+            .counts
+            .written
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == n
+    });
 }
 
 fn history_dir(name: &str) -> PathBuf {
@@ -52,14 +64,7 @@ fn known_transfers_are_kept_exactly() {
             |topo, gw| {
                 let server = if i % 2 == 0 { SERVER4 } else { SERVER6 };
                 exchange(topo, gw, server, *up, *down);
-                let store = gw.registry.store().expect("history is on by default");
-                gw.wait_until(10, "the flow committed", |_| {
-                    store
-                        .counts
-                        .written
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                        == 1
-                });
+                wait_committed(gw, 1);
             },
         );
     }
@@ -259,42 +264,18 @@ fn a_full_disk_never_stops_the_relaying() -> Result<(), Skip> {
     .join()
     .expect("client");
     assert_eq!(served, 2000, "every flow relayed");
-    let errors = || {
-        sum(
-            &parsed(&scrape(&topo, "http://127.0.0.1:9090/metrics")),
-            "tpacct_store_errors_total",
-            &[],
-        )
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while errors() < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "no store error counted on a full disk"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for("a store error counted on the full disk", 20, || {
+        metric(&topo, "tpacct_store_errors_total") >= 1.0
+    });
     // Room again: every flow that waited is written, none lost.
     let grown = Command::new("mount")
         .args(["-o", "remount,size=16m", full.to_str().expect("utf-8")])
         .status()
         .expect("remount");
     assert!(grown.success(), "grow the tmpfs");
-    let written = || {
-        sum(
-            &parsed(&scrape(&topo, "http://127.0.0.1:9090/metrics")),
-            "tpacct_store_flows_written_total",
-            &[],
-        )
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while written() < 2000.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the waiting flows were not written"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for("the waiting flows written", 20, || {
+        metric(&topo, "tpacct_store_flows_written_total") >= 2000.0
+    });
     assert!(daemon.terminate().success(), "a clean exit");
     let stored: u64 = db(&full.join("flows.db"))
         .query_row("SELECT COUNT(*) FROM flows", [], |r| r.get(0))

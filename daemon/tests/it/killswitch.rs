@@ -23,7 +23,7 @@ use crate::{
         topo::{SERVER4, Topology, socket, spawn_in},
         upstreams::identify_server,
     },
-    metrics::{parsed, scrape, sum},
+    metrics::{metric, parsed, scrape, sum, wait_for},
 };
 
 const HOLD_PORT: u16 = 9000;
@@ -217,22 +217,6 @@ fn probe(topo: &Topology) -> Option<usize> {
 }
 
 const PROBE: &[u8] = b"GET /10 HTTP/1.1\r\nHost: probe\r\n\r\n";
-
-fn metric(topo: &Topology, name: &str) -> f64 {
-    sum(
-        &parsed(&scrape(topo, "http://127.0.0.1:9090/metrics")),
-        name,
-        &[],
-    )
-}
-
-fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn the_daemon_sheds_the_newest_flows_and_keeps_every_total() -> Result<(), Skip> {
     let _turn = crate::common::serial();

@@ -77,6 +77,27 @@ pub(crate) fn sum(
         .sum()
 }
 
+/// One metric's value (its samples summed) from the gateway's controller.
+pub(crate) fn metric(topo: &Topology, name: &str) -> f64 {
+    sum(
+        &parsed(&scrape(topo, "http://127.0.0.1:9090/metrics")),
+        name,
+        &[],
+    )
+}
+
+/// Polls `cond` every 50 ms for up to `secs` seconds.
+pub(crate) fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// `metrics-address` in the test.
 const METRICS_ADDRESS: &str = "127.0.0.1:9101";
 
