@@ -181,6 +181,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/stats", get(stats::stats))
         .route("/api/v1/devices", get(stats::devices))
+        .route("/api/v1/connections", get(stats::connections))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require))
         // Liveness without credentials, as the seed system's agents probe it.

@@ -51,8 +51,6 @@ const KNOWN: &[&str] = &[
     "group_by",
     "interval",
     "metric",
-    "from",
-    "to",
     "limit",
     "sort_by",
     "sort_order",
@@ -87,11 +85,13 @@ fn one_of<'a>(
     }
 }
 
-fn parse(params: &HashMap<String, String>) -> Result<(Query, String), (StatusCode, String)> {
-    if let Some(unknown) = params
-        .keys()
-        .find(|k| !KNOWN.contains(&k.as_str()) && !FILTERS.iter().any(|(f, _)| f == k))
-    {
+/// The time range and filters; any parameter not among them or `known` is refused.
+fn parse(params: &HashMap<String, String>, known: &[&str]) -> Result<Query, (StatusCode, String)> {
+    if let Some(unknown) = params.keys().find(|k| {
+        !known.contains(&k.as_str())
+            && !["from", "to"].contains(&k.as_str())
+            && !FILTERS.iter().any(|(f, _)| f == k)
+    }) {
         return Err(bad(format!("unknown parameter {unknown:?}")));
     }
     let from_ms = time(params, "from")?;
@@ -105,34 +105,50 @@ fn parse(params: &HashMap<String, String>) -> Result<(Query, String), (StatusCod
         .iter()
         .filter_map(|(name, column)| params.get(*name).map(|v| (*column, v.clone())))
         .collect();
-    let kind = one_of(params, "type", &["summary", "group", "timeseries"], None)?;
-    Ok((
-        Query {
-            from_ms,
-            to_ms,
-            filters,
-        },
-        kind.to_owned(),
-    ))
+    Ok(Query {
+        from_ms,
+        to_ms,
+        filters,
+    })
+}
+
+/// `limit`: a number in `1..=max`, else `default`.
+fn limit(
+    params: &HashMap<String, String>,
+    default: u32,
+    max: u32,
+) -> Result<u32, (StatusCode, String)> {
+    match params.get("limit") {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| bad(format!("limit: {v:?} is not a number from 1 to {max}"))),
+    }
 }
 
 /// Flows the database may not hold yet: the recently closed ring and the live flows.
-fn unsaved(state: &ApiState, store: &Store) -> Vec<Row> {
+fn unsaved(state: &ApiState, store: &Store, with_live: bool) -> Vec<Row> {
     let (recent, live) = state.registry.recent_and_live();
+    let live = live.iter().filter(|_| with_live);
     recent
         .iter()
         .map(|c| store.row(c))
-        .chain(live.iter().map(|l| store.row(&l.flow.closed(l.traffic))))
+        .chain(live.map(|l| store.row(&l.flow.closed(l.traffic))))
         .collect()
 }
 
 /// The history's store and a query connection holding what it may not have yet.
-fn connect(state: &ApiState) -> Result<(&Store, rusqlite::Connection), (StatusCode, String)> {
+fn connect(
+    state: &ApiState,
+    with_live: bool,
+) -> Result<(&Store, rusqlite::Connection), (StatusCode, String)> {
     let store = state.registry.store().ok_or((
         StatusCode::NOT_FOUND,
         "history is off (storage.enable: false)".to_owned(),
     ))?;
-    let conn = query::open(store.path(), &unsaved(state, store))
+    let conn = query::open(store.path(), &unsaved(state, store, with_live))
         .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, format!("history: {e}")))?;
     Ok((store, conn))
 }
@@ -145,7 +161,7 @@ fn failed(e: rusqlite::Error) -> (StatusCode, String) {
 /// and in all (UTC days and months).
 pub(super) async fn devices(State(state): State<Arc<ApiState>>) -> Response {
     respond(move || {
-        let (store, conn) = connect(&state)?;
+        let (store, conn) = connect(&state, true)?;
         let mut list = query::devices(&conn, std::time::SystemTime::now()).map_err(failed)?;
         for d in list.iter_mut() {
             let id = d["device"].as_str().unwrap_or_default().to_owned();
@@ -167,9 +183,10 @@ fn answer(
     state: &ApiState,
     params: &HashMap<String, String>,
 ) -> Result<Value, (StatusCode, String)> {
-    let (q, kind) = parse(params)?;
-    let (_, conn) = connect(state)?;
-    match kind.as_str() {
+    let q = parse(params, KNOWN)?;
+    let kind = one_of(params, "type", &["summary", "group", "timeseries"], None)?;
+    let (_, conn) = connect(state, true)?;
+    match kind {
         "summary" => query::summary(&conn, &q).map_err(failed),
         "group" => {
             let names: Vec<&str> = GROUPS.iter().map(|g| g.0).collect();
@@ -186,14 +203,7 @@ fn answer(
                 Some("total"),
             )?;
             let order = one_of(params, "sort_order", &["asc", "desc"], Some("desc"))?;
-            let limit = match params.get("limit") {
-                None => 100,
-                Some(v) => v
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|n| (1..=10_000).contains(n))
-                    .ok_or_else(|| bad(format!("limit: {v:?} is not a number from 1 to 10000")))?,
-            };
+            let limit = limit(params, 100, 10_000)?;
             query::group(&conn, &q, (key, expr), (sort_by, order == "desc"), limit).map_err(failed)
         }
         _ => {
@@ -219,4 +229,29 @@ pub(super) async fn stats(
     Params(params): Params<HashMap<String, String>>,
 ) -> Response {
     respond(move || answer(&state, &params)).await
+}
+
+/// `GET /api/v1/connections`: closed flows, the newest first, `limit` (1–1000, default 100) a
+/// page; `cursor` (the previous page's `next_cursor`) continues after it. Same range and
+/// filters as the stats.
+pub(super) async fn connections(
+    State(state): State<Arc<ApiState>>,
+    Params(params): Params<HashMap<String, String>>,
+) -> Response {
+    respond(move || {
+        let q = parse(&params, &["limit", "cursor"])?;
+        let limit = limit(&params, 100, 1000)?;
+        let after = params
+            .get("cursor")
+            .map(|c| {
+                c.split_once('_')
+                    .and_then(|(ms, id)| Some((ms.parse::<i64>().ok()?, id.to_owned())))
+                    .ok_or_else(|| bad(format!("cursor: {c:?} is not one this API gave")))
+            })
+            .transpose()?;
+        let (_, conn) = connect(&state, false)?;
+        let (rows, next) = query::closed(&conn, &q, after, limit).map_err(failed)?;
+        Ok(json!({ "connections": rows, "next_cursor": next }))
+    })
+    .await
 }

@@ -254,3 +254,75 @@ pub fn devices(conn: &Connection, now: std::time::SystemTime) -> rusqlite::Resul
     })?;
     rows.collect()
 }
+
+/// Closed flows, newest first (by end, then id), after `after` (a previous page's last
+/// `(end_ms, id)`); the page and the cursor for the next one, if there is more.
+pub fn closed(
+    conn: &Connection,
+    q: &Query,
+    after: Option<(i64, String)>,
+    limit: u32,
+) -> rusqlite::Result<(Vec<Value>, Option<String>)> {
+    let (from, mut args) = source(q);
+    let page = match after {
+        Some((ms, id)) => {
+            args.push(Box::new(ms));
+            args.push(Box::new(ms));
+            args.push(Box::new(id));
+            "WHERE end_ms < ? OR (end_ms = ? AND id < ?)"
+        }
+        None => "",
+    };
+    let sql = format!(
+        "SELECT {COLUMNS} FROM {from} {page} ORDER BY end_ms DESC, id DESC LIMIT {}",
+        limit + 1
+    );
+    let time = |ms: i64| {
+        humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
+        )
+        .to_string()
+    };
+    let mut stmt = conn.prepare(&sql)?;
+    let mut rows: Vec<(i64, String, Value)> = stmt
+        .query_map(params_from_iter(args.iter()), |r| {
+            let id: String = r.get(0)?;
+            let end: i64 = r.get(2)?;
+            let chains: String = r.get(17)?;
+            Ok((
+                end,
+                id.clone(),
+                json!({
+                    "id": id,
+                    "start": time(r.get(1)?),
+                    "end": time(end),
+                    "network": r.get::<_, String>(3)?,
+                    "inbound": r.get::<_, String>(4)?,
+                    "inbound_type": r.get::<_, String>(5)?,
+                    "source_ip": r.get::<_, String>(6)?,
+                    "source_port": r.get::<_, u16>(7)?,
+                    "destination_ip": r.get::<_, String>(8)?,
+                    "destination_port": r.get::<_, u16>(9)?,
+                    "host": r.get::<_, String>(10)?,
+                    "sniff_host": r.get::<_, String>(11)?,
+                    "process": r.get::<_, String>(12)?,
+                    "process_path": r.get::<_, String>(13)?,
+                    "uid": r.get::<_, Option<u32>>(14)?,
+                    "rule": r.get::<_, String>(15)?,
+                    "rule_payload": r.get::<_, String>(16)?,
+                    "chains": serde_json::from_str::<Value>(&chains).unwrap_or(Value::Null),
+                    "outbound": r.get::<_, String>(18)?,
+                    "device": r.get::<_, String>(19)?,
+                    "upload": r.get::<_, i64>(20)?,
+                    "download": r.get::<_, i64>(21)?,
+                }),
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    let more = rows.len() > limit as usize;
+    rows.truncate(limit as usize);
+    let next = more
+        .then(|| rows.last().map(|(end, id, _)| format!("{end}_{id}")))
+        .flatten();
+    Ok((rows.into_iter().map(|(_, _, v)| v).collect(), next))
+}

@@ -380,6 +380,37 @@ fn stats_are_exact_up_to_now_and_refuse_bad_queries() {
             assert_eq!(body["data"]["count"], 2);
             let (_, body) = api(topo, "/api/v1/stats?type=summary&to=2000-01-01T00:00:00Z");
             assert_eq!(body["data"]["count"], 0, "nothing ended before 2000");
+            // Closed flows page by page, the newest first; the live one is not closed.
+            let (status, page) = api(topo, "/api/v1/connections?limit=1");
+            assert_eq!(status, 200, "{page}");
+            let first = &page["data"]["connections"][0];
+            assert_eq!(first["destination_ip"], SERVER6);
+            assert_eq!(
+                (first["upload"].as_u64(), first["download"].as_u64()),
+                (Some(up6), Some(down6))
+            );
+            assert_eq!(first["chains"], serde_json::json!(["DIRECT"]));
+            let cursor = page["data"]["next_cursor"].as_str().expect("more");
+            let (_, page) = api(
+                topo,
+                &format!("/api/v1/connections?limit=1&cursor={cursor}"),
+            );
+            assert_eq!(page["data"]["connections"][0]["destination_ip"], SERVER4);
+            assert_eq!(page["data"]["connections"][0]["sniff_host"], "four");
+            assert!(
+                page["data"]["next_cursor"].is_null(),
+                "two closed flows in all"
+            );
+            let (_, page) = api(topo, &format!("/api/v1/connections?destination={SERVER4}"));
+            assert_eq!(
+                page["data"]["connections"].as_array().map(Vec::len),
+                Some(1)
+            );
+            for bad in ["cursor=nonsense", "limit=0", "limit=1001", "type=summary"] {
+                let (status, body) = api(topo, &format!("/api/v1/connections?{bad}"));
+                assert_eq!(status, 400, "{bad}: {body}");
+                assert_eq!(body["status"], "error", "{bad}");
+            }
             for bad in [
                 "type=bogus",
                 "type=group",
