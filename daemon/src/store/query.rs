@@ -194,6 +194,14 @@ pub fn timeseries(
     rows.collect::<Result<Vec<_>, _>>().map(Value::Array)
 }
 
+/// Milliseconds since the epoch as RFC 3339 with milliseconds, UTC.
+fn time(ms: i64) -> String {
+    humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
+    )
+    .to_string()
+}
+
 /// Milliseconds since the epoch at the start of `now`'s UTC day and month.
 fn day_and_month(now: std::time::SystemTime) -> (i64, i64) {
     let secs = now
@@ -225,12 +233,6 @@ pub fn devices(conn: &Connection, now: std::time::SystemTime) -> rusqlite::Resul
             SUM(upload + download) AS total
          FROM {from} GROUP BY device ORDER BY total DESC, device ASC"
     );
-    let time = |ms: i64| {
-        humantime::format_rfc3339_millis(
-            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
-        )
-        .to_string()
-    };
     let mut stmt = conn.prepare(&sql)?;
     let rows = stmt.query_map(params_from_iter(args.iter()), |r| {
         let device: String = r.get(0)?;
@@ -277,12 +279,6 @@ pub fn closed(
         "SELECT {COLUMNS} FROM {from} {page} ORDER BY end_ms DESC, id DESC LIMIT {}",
         limit + 1
     );
-    let time = |ms: i64| {
-        humantime::format_rfc3339_millis(
-            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64),
-        )
-        .to_string()
-    };
     let mut stmt = conn.prepare(&sql)?;
     let mut rows: Vec<(i64, String, Value)> = stmt
         .query_map(params_from_iter(args.iter()), |r| {
