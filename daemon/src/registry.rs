@@ -40,11 +40,21 @@ pub struct Registry {
     /// Held for writing while a flow moves from live to the closed ring (and totals), for
     /// reading while totals are summed, so no flow is counted twice or not at all.
     moving: std::sync::RwLock<()>,
+    /// Each flow as it closes, for `/connections/events`.
+    closes: tokio::sync::broadcast::Sender<Arc<ClosedFlow>>,
     /// Where closed flows are kept, when history is on.
     store: std::sync::OnceLock<Arc<crate::store::Store>>,
 }
 
+/// Close events a slow `/connections/events` client may fall behind by before it is told.
+const CLOSES_QUEUED: usize = 4096;
+
 impl Registry {
+    /// Every flow that closes from now on, with its final totals.
+    pub fn closes(&self) -> tokio::sync::broadcast::Receiver<Arc<ClosedFlow>> {
+        self.closes.subscribe()
+    }
+
     pub fn new(accounting: Accounting, closed_capacity: usize) -> Registry {
         Registry {
             accounting,
@@ -60,6 +70,7 @@ impl Registry {
             closed_by_route: DashMap::new(),
             moving: std::sync::RwLock::new(()),
             store: std::sync::OnceLock::new(),
+            closes: tokio::sync::broadcast::channel(CLOSES_QUEUED).0,
         }
     }
 
@@ -169,10 +180,15 @@ impl Registry {
         );
         // One step: a reader sees the flow live or closed, never neither nor both.
         let _moving = self.moving.write().unwrap_or_else(|p| p.into_inner());
+        let mut event = None;
         {
             let mut ring = self.closed.lock().unwrap_or_else(|p| p.into_inner());
             if ring.len() == self.closed_capacity {
                 ring.pop_front();
+            }
+            if self.closes.receiver_count() > 0 {
+                // Sent once the flow has left the live map (below, still in this step).
+                event = Some(Arc::new(closed.clone()));
             }
             ring.push_back(closed);
         }
@@ -186,6 +202,10 @@ impl Registry {
             .fetch_add(traffic.upload, Ordering::Relaxed);
         self.closed_download
             .fetch_add(traffic.download, Ordering::Relaxed);
+        drop(_moving);
+        if let Some(event) = event {
+            let _ = self.closes.send(event);
+        }
     }
 
     /// Closes one flow's sockets; false if no such live flow.

@@ -7,6 +7,7 @@ mod configs;
 mod connections;
 mod control;
 mod delay;
+mod events;
 mod providers;
 mod proxies;
 mod server;
@@ -129,6 +130,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(connections::list).delete(connections::close_all),
         )
         .route("/connections/closed", get(connections::closed))
+        .route("/connections/events", get(events::events))
         .route("/connections/{id}", delete(connections::close_one))
         .route("/traffic", get(streams::traffic))
         .route("/memory", get(streams::memory))

@@ -14,6 +14,7 @@ mod capabilities;
 mod churn;
 mod cli;
 mod devices;
+mod events;
 mod firewall;
 mod groups;
 mod groups_checks;
@@ -50,6 +51,7 @@ fn main() {
         churn::tests(),
         cli::tests(),
         devices::tests(),
+        events::tests(),
         firewall::tests(),
         groups::tests(),
         groups_checks::tests(),
