@@ -38,19 +38,25 @@ pub fn v2_mount() -> Result<PathBuf, Error> {
         return Ok(found);
     }
     let own = PathBuf::from(OWN_MOUNT);
-    std::fs::create_dir_all(&own).map_err(|_| Error::NoV2Mount)?;
+    mount_own(&own, "cgroup2", None).ok_or(Error::NoV2Mount)?;
+    tracing::info!("no cgroup2 mount visible; mounted one at {OWN_MOUNT}");
+    Ok(own)
+}
+
+/// Mounts a cgroup hierarchy of type `fstype` (with `data`, e.g. v1's controller) at `dir`,
+/// made if missing: the same hierarchy, visible where a private /sys hid it.
+pub(crate) fn mount_own(dir: &Path, fstype: &str, data: Option<&str>) -> Option<()> {
+    std::fs::create_dir_all(dir).ok()?;
     nix::mount::mount(
-        Some("cgroup2"),
-        &own,
-        Some("cgroup2"),
+        Some(fstype),
+        dir,
+        Some(fstype),
         nix::mount::MsFlags::MS_NOSUID
             | nix::mount::MsFlags::MS_NODEV
             | nix::mount::MsFlags::MS_NOEXEC,
-        None::<&str>,
+        data,
     )
-    .map_err(|_| Error::NoV2Mount)?;
-    tracing::info!("no cgroup2 mount visible; mounted one at {OWN_MOUNT}");
-    Ok(own)
+    .ok()
 }
 
 fn parse_v2_mount(mounts: &str) -> Option<PathBuf> {

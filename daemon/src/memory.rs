@@ -113,17 +113,7 @@ fn v1_mount() -> Option<PathBuf> {
     }
     // Hidden by a private /sys: mount the same hierarchy where we can see it.
     let own = PathBuf::from(OWN_V1_MOUNT);
-    std::fs::create_dir_all(&own).ok()?;
-    nix::mount::mount(
-        Some("cgroup"),
-        &own,
-        Some("cgroup"),
-        nix::mount::MsFlags::MS_NOSUID
-            | nix::mount::MsFlags::MS_NODEV
-            | nix::mount::MsFlags::MS_NOEXEC,
-        Some("memory"),
-    )
-    .ok()?;
+    crate::cgroup::mount_own(&own, "cgroup", Some("memory"))?;
     Some(own)
 }
 

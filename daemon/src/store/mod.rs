@@ -195,7 +195,13 @@ impl Store {
     ) -> Arc<Store> {
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let counts = Arc::new(Counts::default());
-        let thread = writer::spawn(path.to_owned(), retention_days, rx, counts.clone());
+        let thread = writer::spawn(
+            path.to_owned(),
+            retention_days,
+            rx,
+            counts.clone(),
+            devices.clone(),
+        );
         tracing::info!("history: {} (schema {})", path.display(), SCHEMA_VERSION);
         Arc::new(Store {
             tx,
@@ -214,9 +220,10 @@ impl Store {
         }
     }
 
-    /// Queues a closed flow; never waits.
+    /// Queues a closed flow; never waits (its device is named by the writer, off the
+    /// runtime: that may read the neighbour table).
     pub fn record(&self, flow: &ClosedFlow) {
-        match self.tx.try_send(Msg::Row(Box::new(self.row(flow)))) {
+        match self.tx.try_send(Msg::Row(Box::new(Row::of(flow)))) {
             Ok(()) => {
                 self.counts.pending.fetch_add(1, Ordering::Relaxed);
             }

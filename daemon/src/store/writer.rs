@@ -35,6 +35,7 @@ pub(super) fn spawn(
     retention_days: u32,
     rx: Receiver<Msg>,
     counts: Arc<Counts>,
+    devices: Arc<crate::devices::Devices>,
 ) -> JoinHandle<()> {
     std::thread::Builder::new()
         .name("tpacct-store".into())
@@ -43,6 +44,7 @@ pub(super) fn spawn(
                 path,
                 retention_days,
                 counts,
+                devices,
                 conn: None,
                 pending: VecDeque::new(),
                 retry_at: None,
@@ -58,6 +60,7 @@ struct Writer {
     path: PathBuf,
     retention_days: u32,
     counts: Arc<Counts>,
+    devices: Arc<crate::devices::Devices>,
     conn: Option<Connection>,
     pending: VecDeque<Row>,
     retry_at: Option<Instant>,
@@ -123,7 +126,11 @@ impl Writer {
         }
     }
 
-    fn push(&mut self, row: Row) {
+    fn push(&mut self, mut row: Row) {
+        if let Ok(ip) = row.source_ip.parse() {
+            let started = UNIX_EPOCH + Duration::from_millis(row.start_ms.max(0) as u64);
+            row.device = self.devices.id(ip, started);
+        }
         if self.pending.len() >= MAX_PENDING {
             self.pending.pop_front();
             self.counts.dropped.fetch_add(1, Ordering::Relaxed);
