@@ -10,6 +10,7 @@ mod delay;
 mod events;
 mod providers;
 mod proxies;
+mod queries;
 mod server;
 mod stats;
 mod streams;
@@ -57,6 +58,8 @@ pub struct ApiState {
     pub restart: CancellationToken,
     /// Swaps configs (`PUT /configs`).
     pub reloader: Arc<crate::reload::Reloader>,
+    /// Runs history queries off the runtime, at low priority.
+    pub queries: queries::Queries,
 }
 
 impl ApiState {
@@ -82,6 +85,7 @@ impl ApiState {
             websockets: Arc::new(tokio::sync::Semaphore::new(MAX_WEBSOCKETS)),
             restart: CancellationToken::new(),
             reloader,
+            queries: queries::Queries::default(),
         })
     }
 }
@@ -251,8 +255,7 @@ pub fn start(
             addr: addr.to_string(),
             source,
         };
-        let std_listener = std::net::TcpListener::bind(addr).map_err(bind_error)?;
-        std_listener.set_nonblocking(true).map_err(bind_error)?;
+        let std_listener = server::listen(addr).map_err(bind_error)?;
         let listener = TcpListener::from_std(std_listener).map_err(bind_error)?;
         tracing::info!("metrics-address: Prometheus metrics on http://{addr}/metrics");
         let only_metrics = Router::new()
@@ -273,8 +276,7 @@ pub fn start(
         addr: addr.clone(),
         source,
     };
-    let std_listener = std::net::TcpListener::bind(&addr).map_err(bind_error)?;
-    std_listener.set_nonblocking(true).map_err(bind_error)?;
+    let std_listener = server::listen(addr.as_str()).map_err(bind_error)?;
     let listener = TcpListener::from_std(std_listener).map_err(bind_error)?;
     let local = listener.local_addr().map_err(bind_error)?;
     tracing::info!("external-controller: Clash API on http://{local}");

@@ -13,7 +13,36 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 /// Concurrent controller connections; more wait in the listen backlog.
-pub const MAX_CONNECTIONS: usize = 256;
+pub const MAX_CONNECTIONS: usize = 1_024;
+/// The listen backlog asked for (the kernel caps it at `net.core.somaxconn`): a burst of
+/// clients waits here for a slot instead of having its handshakes dropped.
+const BACKLOG: i32 = 4_096;
+
+/// A non-blocking listener on the first of `addr`'s addresses that binds.
+pub fn listen(addr: impl std::net::ToSocketAddrs) -> std::io::Result<std::net::TcpListener> {
+    let mut last = None;
+    for a in addr.to_socket_addrs()? {
+        let bound = (|| {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(a),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            s.set_reuse_address(true)?;
+            s.bind(&a.into())?;
+            s.listen(BACKLOG)?;
+            s.set_nonblocking(true)?;
+            Ok(std::net::TcpListener::from(s))
+        })();
+        match bound {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
+    }))
+}
 /// How long a client may take to send a request head.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 

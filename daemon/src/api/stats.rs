@@ -12,7 +12,7 @@ use axum::{
 };
 use serde_json::{Value, json};
 
-use super::ApiState;
+use super::{ApiState, queries::QueryError};
 use crate::store::{
     Row, Store,
     query::{self, FILTERS, GROUPS, INTERVALS, Query},
@@ -31,13 +31,15 @@ fn bad(message: impl Into<String>) -> (StatusCode, String) {
     (StatusCode::BAD_REQUEST, message.into())
 }
 
-/// Runs `work` off the runtime and answers with its result.
+/// Runs `work` on a query thread and answers with its result (503 when too many wait).
 async fn respond(
+    state: &ApiState,
     work: impl FnOnce() -> Result<Value, (StatusCode, String)> + Send + 'static,
 ) -> Response {
-    match tokio::task::spawn_blocking(work).await {
+    match state.queries.run(work).await {
         Ok(Ok(data)) => envelope(StatusCode::OK, Ok(data)),
         Ok(Err((status, message))) => envelope(status, Err(message)),
+        Err(e @ QueryError::Busy) => envelope(StatusCode::SERVICE_UNAVAILABLE, Err(e.to_string())),
         Err(e) => envelope(StatusCode::INTERNAL_SERVER_ERROR, Err(e.to_string())),
     }
 }
@@ -160,7 +162,7 @@ fn failed(e: rusqlite::Error) -> (StatusCode, String) {
 /// `GET /api/v1/devices`: every device with its addresses, name and usage today, this month
 /// and in all (UTC days and months).
 pub(super) async fn devices(State(state): State<Arc<ApiState>>) -> Response {
-    respond(move || {
+    respond(&state.clone(), move || {
         let (store, conn) = connect(&state, true)?;
         let mut list = query::devices(&conn, std::time::SystemTime::now()).map_err(failed)?;
         for d in list.iter_mut() {
@@ -209,17 +211,18 @@ fn answer(
         _ => {
             let names: Vec<&str> = INTERVALS.iter().map(|i| i.0).collect();
             let interval = one_of(params, "interval", &names, None)?;
-            let bucket = INTERVALS
+            let (_, bucket, slot) = INTERVALS
                 .iter()
                 .find(|i| i.0 == interval)
-                .map_or(INTERVALS[0].1, |i| i.1);
+                .copied()
+                .unwrap_or(INTERVALS[0]);
             let metric = one_of(
                 params,
                 "metric",
                 &["connections", "download", "upload", "total"],
                 Some("total"),
             )?;
-            query::timeseries(&conn, &q, bucket, metric).map_err(failed)
+            query::timeseries(&conn, &q, (bucket, slot), metric).map_err(failed)
         }
     }
 }
@@ -228,7 +231,7 @@ pub(super) async fn stats(
     State(state): State<Arc<ApiState>>,
     Params(params): Params<HashMap<String, String>>,
 ) -> Response {
-    respond(move || answer(&state, &params)).await
+    respond(&state.clone(), move || answer(&state, &params)).await
 }
 
 /// `GET /api/v1/connections`: closed flows, the newest first, `limit` (1–1000, default 100) a
@@ -238,7 +241,7 @@ pub(super) async fn connections(
     State(state): State<Arc<ApiState>>,
     Params(params): Params<HashMap<String, String>>,
 ) -> Response {
-    respond(move || {
+    respond(&state.clone(), move || {
         let q = parse(&params, &["limit", "cursor"])?;
         let limit = limit(&params, 100, 1000)?;
         let after = params

@@ -4,7 +4,10 @@
 //! full, read-only or missing) in a bounded buffer, retries, and counts every loss.
 
 pub mod query;
+pub mod rollup;
 mod schema;
+#[cfg(test)]
+mod tests;
 mod writer;
 
 use std::{

@@ -8,7 +8,10 @@ use std::path::Path;
 use rusqlite::{Connection, OpenFlags, ToSql, params_from_iter};
 use serde_json::{Value, json};
 
-use super::{COLUMNS, PLACEHOLDERS, Row};
+use super::{
+    COLUMNS, PLACEHOLDERS, Row,
+    rollup::{self, DIMENSIONS, Part},
+};
 
 /// What a stats request asks, already validated.
 #[derive(Debug, Clone, Default)]
@@ -51,20 +54,28 @@ pub const FILTERS: &[(&str, &str)] = &[
     ("inbound", "inbound"),
 ];
 
-/// Time buckets: the request's name and the SQL giving a bucket's start in milliseconds.
-pub const INTERVALS: &[(&str, &str)] = &[
-    ("minute", "end_ms / 60000 * 60000"),
-    ("hour", "end_ms / 3600000 * 3600000"),
-    ("day", "end_ms / 86400000 * 86400000"),
+/// Time buckets: the request's name, the SQL giving a bucket's start in milliseconds, and
+/// the longest rollup slot no bucket splits.
+pub const INTERVALS: &[(&str, &str, i64)] = &[
+    ("minute", "end_ms / 60000 * 60000", 60_000),
+    ("hour", "end_ms / 3600000 * 3600000", 3_600_000),
+    ("day", "end_ms / 86400000 * 86400000", 86_400_000),
     // Weeks start on Monday; the epoch was a Thursday.
-    ("week", "((end_ms / 86400000 + 3) / 7 * 7 - 3) * 86400000"),
+    (
+        "week",
+        "((end_ms / 86400000 + 3) / 7 * 7 - 3) * 86400000",
+        86_400_000,
+    ),
     (
         "month",
         "CAST(strftime('%s', end_ms / 1000, 'unixepoch', 'start of month') AS INTEGER) * 1000",
+        86_400_000,
     ),
 ];
 
-/// A read-only connection with `extra` (flows the database may not hold yet) in `mem_flows`.
+/// A read-only connection with `extra` (flows the database may not hold yet) in `mem_flows`,
+/// inside a read transaction: every query on it sees one snapshot, in which each flow counts
+/// once (a flow of `extra` already committed counts as committed).
 pub fn open(path: &Path, extra: &[Row]) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
@@ -82,21 +93,74 @@ pub fn open(path: &Path, extra: &[Row]) -> rusqlite::Result<Connection> {
             insert.execute(&r.params()[..])?;
         }
     }
+    conn.execute_batch(
+        "BEGIN;
+         DELETE FROM temp.mem_flows
+            WHERE EXISTS (SELECT 1 FROM main.flows f WHERE f.id = temp.mem_flows.id);",
+    )?;
     Ok(conn)
 }
 
-/// The rows a query sees, and their parameters.
-fn source(q: &Query) -> (String, Vec<Box<dyn ToSql>>) {
+/// The columns every source gives: a rollup row is `connections` flows.
+const SHAPE: &str =
+    "end_ms, device, network, inbound, rule, outbound, connections, upload, download";
+
+impl Query {
+    /// `from..to` in milliseconds (`to` exclusive).
+    fn range(&self) -> (i64, i64) {
+        (
+            self.from_ms.unwrap_or(0).max(0),
+            self.to_ms.map_or(i64::MAX / 2, |t| t.saturating_add(1)),
+        )
+    }
+
+    /// Whether rollups can answer it (grouped by `column`): it groups and filters only by
+    /// their dimensions.
+    fn rolls_up(&self, column: Option<&str>) -> bool {
+        column.is_none_or(|c| DIMENSIONS.contains(&c))
+            && self.filters.iter().all(|(c, _)| DIMENSIONS.contains(c))
+    }
+}
+
+/// The rows a query reads, and their parameters. With `bucket` (the query can use rollups;
+/// the longest slot its buckets allow), whole slots come from the rollups and only the
+/// range's edges from flows; else every flow in the range, with all its columns.
+fn source(q: &Query, bucket: Option<i64>) -> (String, Vec<Box<dyn ToSql>>) {
+    let (from, to) = q.range();
+    let parts: Vec<String> = match bucket {
+        Some(bucket) => rollup::plan(from, to, bucket)
+            .into_iter()
+            .map(|p| match p {
+                Part::Rollup(t, a, b) => format!(
+                    "SELECT {slot} * {ms} AS end_ms, device, network, inbound, rule, outbound, \
+                     connections, upload, download FROM main.{table} \
+                     WHERE {slot} >= {a} AND {slot} < {b}",
+                    slot = t.slot,
+                    ms = t.ms,
+                    table = t.table
+                ),
+                Part::Flows(lo, hi) => format!(
+                    "SELECT {} FROM main.flows WHERE end_ms >= {lo} AND end_ms < {hi}",
+                    SHAPE.replace("connections", "1 AS connections")
+                ),
+            })
+            .chain([format!(
+                "SELECT {} FROM temp.mem_flows WHERE end_ms >= {from} AND end_ms < {to}",
+                SHAPE.replace("connections", "1 AS connections")
+            )])
+            .collect(),
+        None => ["main.flows", "temp.mem_flows"]
+            .iter()
+            .map(|t| {
+                format!(
+                    "SELECT {COLUMNS}, 1 AS connections FROM {t} \
+                     WHERE end_ms >= {from} AND end_ms < {to}"
+                )
+            })
+            .collect(),
+    };
     let mut conds = Vec::new();
     let mut args: Vec<Box<dyn ToSql>> = Vec::new();
-    if let Some(from) = q.from_ms {
-        conds.push("end_ms >= ?".to_owned());
-        args.push(Box::new(from));
-    }
-    if let Some(to) = q.to_ms {
-        conds.push("end_ms <= ?".to_owned());
-        args.push(Box::new(to));
-    }
     for (column, value) in &q.filters {
         if *column == "network" {
             conds.push(format!("{column} = lower(?)"));
@@ -111,21 +175,18 @@ fn source(q: &Query) -> (String, Vec<Box<dyn ToSql>>) {
         format!("WHERE {}", conds.join(" AND "))
     };
     (
-        format!(
-            "(SELECT * FROM (SELECT {COLUMNS} FROM main.flows \
-              WHERE id NOT IN (SELECT id FROM temp.mem_flows) \
-              UNION ALL SELECT {COLUMNS} FROM temp.mem_flows) {filter})"
-        ),
+        format!("(SELECT * FROM ({}) {filter})", parts.join(" UNION ALL ")),
         args,
     )
 }
 
-const SUMS: &str = "COUNT(*) AS count, COALESCE(SUM(download), 0) AS download, \
-    COALESCE(SUM(upload), 0) AS upload, COALESCE(SUM(upload + download), 0) AS total";
+const SUMS: &str = "COALESCE(SUM(connections), 0) AS count, \
+    COALESCE(SUM(download), 0) AS download, COALESCE(SUM(upload), 0) AS upload, \
+    COALESCE(SUM(upload + download), 0) AS total";
 
 /// `{count, download, upload, total}`.
 pub fn summary(conn: &Connection, q: &Query) -> rusqlite::Result<Value> {
-    let (from, args) = source(q);
+    let (from, args) = source(q, q.rolls_up(None).then_some(i64::MAX));
     conn.query_row(
         &format!("SELECT {SUMS} FROM {from}"),
         params_from_iter(args.iter()),
@@ -148,7 +209,7 @@ pub fn group(
     (sort_by, descending): (&str, bool),
     limit: u32,
 ) -> rusqlite::Result<Value> {
-    let (from, args) = source(q);
+    let (from, args) = source(q, q.rolls_up(Some(expr)).then_some(i64::MAX));
     let order = if descending { "DESC" } else { "ASC" };
     let sql = format!(
         "SELECT {expr} AS grp, {SUMS} FROM {from} GROUP BY grp \
@@ -171,10 +232,10 @@ pub fn group(
 pub fn timeseries(
     conn: &Connection,
     q: &Query,
-    bucket: &str,
+    (bucket, slot): (&str, i64),
     metric: &str,
 ) -> rusqlite::Result<Value> {
-    let (from, args) = source(q);
+    let (from, args) = source(q, q.rolls_up(None).then_some(slot));
     let sql = format!("SELECT {bucket} AS t, {SUMS} FROM {from} GROUP BY t ORDER BY t ASC");
     let column = match metric {
         "connections" => 1,
@@ -223,7 +284,7 @@ fn day_and_month(now: std::time::SystemTime) -> (i64, i64) {
 /// Per device: `{device, mac, ips, first_seen, last_seen, connections, upload, download,
 /// today, month, total}` (bytes; today and month in UTC), the biggest first.
 pub fn devices(conn: &Connection, now: std::time::SystemTime) -> rusqlite::Result<Vec<Value>> {
-    let (from, args) = source(&Query::default());
+    let (from, args) = source(&Query::default(), None);
     let (day, month) = day_and_month(now);
     let sql = format!(
         "SELECT device, GROUP_CONCAT(DISTINCT source_ip), MIN(start_ms), MAX(end_ms), COUNT(*),
@@ -265,7 +326,7 @@ pub fn closed(
     after: Option<(i64, String)>,
     limit: u32,
 ) -> rusqlite::Result<(Vec<Value>, Option<String>)> {
-    let (from, mut args) = source(q);
+    let (from, mut args) = source(q, None);
     let page = match after {
         Some((ms, id)) => {
             args.push(Box::new(ms));

@@ -44,6 +44,37 @@ const MIGRATIONS: &[&str] = &[
         download INTEGER NOT NULL,
         PRIMARY KEY (minute, device, network, inbound, rule, outbound)
     ) WITHOUT ROWID;",
+    // 2: hourly and daily rollups, filled from the minutes already kept.
+    "CREATE TABLE rollup_hour (
+        hour INTEGER NOT NULL,
+        device TEXT NOT NULL,
+        network TEXT NOT NULL,
+        inbound TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        outbound TEXT NOT NULL,
+        connections INTEGER NOT NULL,
+        upload INTEGER NOT NULL,
+        download INTEGER NOT NULL,
+        PRIMARY KEY (hour, device, network, inbound, rule, outbound)
+    ) WITHOUT ROWID;
+    CREATE TABLE rollup_day (
+        day INTEGER NOT NULL,
+        device TEXT NOT NULL,
+        network TEXT NOT NULL,
+        inbound TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        outbound TEXT NOT NULL,
+        connections INTEGER NOT NULL,
+        upload INTEGER NOT NULL,
+        download INTEGER NOT NULL,
+        PRIMARY KEY (day, device, network, inbound, rule, outbound)
+    ) WITHOUT ROWID;
+    INSERT INTO rollup_hour SELECT minute / 60, device, network, inbound, rule, outbound,
+        SUM(connections), SUM(upload), SUM(download) FROM rollup_minute
+        GROUP BY minute / 60, device, network, inbound, rule, outbound;
+    INSERT INTO rollup_day SELECT minute / 1440, device, network, inbound, rule, outbound,
+        SUM(connections), SUM(upload), SUM(download) FROM rollup_minute
+        GROUP BY minute / 1440, device, network, inbound, rule, outbound;",
 ];
 
 /// The schema version this build writes.

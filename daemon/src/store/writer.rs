@@ -13,9 +13,9 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 
-use super::{BATCH_WINDOW, COLUMNS, Counts, Msg, PLACEHOLDERS, Row, schema};
+use super::{BATCH_WINDOW, COLUMNS, Counts, Msg, PLACEHOLDERS, Row, rollup, schema};
 
 /// Rows kept for a retry while the database cannot be written; the oldest go first.
 const MAX_PENDING: usize = 200_000;
@@ -26,8 +26,6 @@ const RETRY: Duration = Duration::from_secs(2);
 /// At most one log line about failures per this interval.
 const LOG_EVERY: Duration = Duration::from_secs(60);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
-/// Rollups are kept this long (flows for `retention-days`).
-const ROLLUP_DAYS: i64 = 400;
 const DAY_MS: i64 = 86_400_000;
 
 pub(super) fn spawn(
@@ -68,7 +66,7 @@ struct Writer {
     pruned_at: Option<Instant>,
 }
 
-fn open(path: &PathBuf) -> rusqlite::Result<Connection> {
+pub(super) fn open(path: &PathBuf) -> rusqlite::Result<Connection> {
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -201,14 +199,18 @@ impl Writer {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
         let flows_before = now - i64::from(self.retention_days) * DAY_MS;
-        let rollups_before = (now - ROLLUP_DAYS * DAY_MS) / 60_000;
         let r = conn
             .execute("DELETE FROM flows WHERE end_ms < ?1", [flows_before])
             .and_then(|_| {
-                conn.execute(
-                    "DELETE FROM rollup_minute WHERE minute < ?1",
-                    [rollups_before],
-                )
+                rollup::TIERS.iter().try_for_each(|t| {
+                    let days = t.keep_days.unwrap_or(i64::from(self.retention_days));
+                    let before = (now - days * DAY_MS) / t.ms;
+                    conn.execute(
+                        &format!("DELETE FROM {} WHERE {} < ?1", t.table, t.slot),
+                        [before],
+                    )
+                    .map(drop)
+                })
             });
         if let Err(e) = r {
             tracing::warn!("history: pruning: {e}");
@@ -216,38 +218,24 @@ impl Writer {
     }
 }
 
-/// One transaction: each flow once (a retried batch inserts nothing twice), and its bytes
-/// added to the minute it closed in.
-fn write<'a>(conn: &mut Connection, rows: impl Iterator<Item = &'a Row>) -> rusqlite::Result<()> {
+/// One transaction: each flow once (a retried batch inserts nothing twice), and the flows
+/// inserted added to the rollups.
+pub(super) fn write<'a>(
+    conn: &mut Connection,
+    rows: impl Iterator<Item = &'a Row>,
+) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
+    let mut inserted = Vec::new();
     {
         let mut flow = tx.prepare_cached(&format!(
             "INSERT OR IGNORE INTO flows ({COLUMNS}) VALUES ({PLACEHOLDERS})"
         ))?;
-        let mut rollup = tx.prepare_cached(
-            "INSERT INTO rollup_minute (minute, device, network, inbound, rule, outbound,
-                connections, upload, download)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?8)
-             ON CONFLICT (minute, device, network, inbound, rule, outbound) DO UPDATE SET
-                connections = connections + 1,
-                upload = upload + excluded.upload,
-                download = download + excluded.download",
-        )?;
         for r in rows {
-            let inserted = flow.execute(&r.params()[..])?;
-            if inserted == 1 {
-                rollup.execute(params![
-                    r.end_ms / 60_000,
-                    r.device,
-                    r.network,
-                    r.inbound,
-                    r.rule,
-                    r.outbound,
-                    r.upload as i64,
-                    r.download as i64,
-                ])?;
+            if flow.execute(&r.params()[..])? == 1 {
+                inserted.push(r);
             }
         }
     }
+    rollup::add(&tx, inserted.into_iter())?;
     tx.commit()
 }

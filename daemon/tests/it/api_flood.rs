@@ -1,5 +1,5 @@
-//! A controller under a slow-request flood does not starve the gateway: 400 connections that
-//! send half a request head hold the controller's slots, yet a transfer through the relay
+//! A controller under a slow-request flood does not starve the gateway: more connections than
+//! its slots, each sending half a request head, hold them, yet a transfer through the relay
 //! completes with exact totals meanwhile, the flood is dropped after the header deadline, and
 //! the controller answers again afterwards.
 
@@ -13,7 +13,7 @@ use tpacct::{api, config::AccountingMode};
 
 use crate::common::topo::{SERVER4, Topology, spawn_in, with_gateway};
 
-const FLOOD: usize = 400;
+const FLOOD: usize = api::MAX_CONNECTIONS + 200;
 const API: &str = "127.0.0.1:9090";
 
 fn relay_keeps_working_while_the_controller_is_flooded() {

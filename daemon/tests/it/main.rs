@@ -19,6 +19,7 @@ mod firewall;
 mod groups;
 mod groups_checks;
 mod history;
+mod history_load;
 mod killswitch;
 mod metrics;
 mod mixed;
@@ -56,6 +57,7 @@ fn main() {
         groups::tests(),
         groups_checks::tests(),
         history::tests(),
+        history_load::tests(),
         killswitch::tests(),
         metrics::tests(),
         mixed::tests(),
