@@ -33,3 +33,4 @@ pub mod speed;
 pub mod state;
 pub mod store;
 pub mod tls;
+pub mod top;

@@ -1,4 +1,5 @@
-//! `tpacctd`: the command line. `run` starts the daemon, `check` validates a config.
+//! `tpacctd`: the command line. `run` starts the daemon, `check` validates a config, `top`
+//! watches a running one.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -36,6 +37,24 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Watch a running daemon: live flows and per-device rates and usage, refreshed in place.
+    Top {
+        /// The daemon's config, for its `external-controller` and `secret`.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The controller (overrides the config's; default 127.0.0.1:9090).
+        #[arg(long)]
+        controller: Option<String>,
+        /// The controller's secret (overrides the config's).
+        #[arg(long, env = "TPACCT_SECRET", hide_env_values = true)]
+        secret: Option<String>,
+        /// Milliseconds between refreshes.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+        interval: u64,
+        /// Print one frame as text (WIDTHxHEIGHT, two samples an interval apart) and exit.
+        #[arg(long, value_name = "WIDTHxHEIGHT", num_args = 0..=1, default_missing_value = "120x40")]
+        once: Option<String>,
+    },
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
@@ -62,6 +81,29 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Top {
+            config,
+            controller,
+            secret,
+            interval,
+            once,
+        } => {
+            let config = match load(config.as_ref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let controller =
+                controller.unwrap_or_else(|| match config.external_controller.as_str() {
+                    "" => "127.0.0.1:9090".to_owned(),
+                    c => c.to_owned(),
+                });
+            top(
+                &controller,
+                secret.or(config.secret),
+                interval,
+                once.as_deref(),
+            )
+        }
         Command::Run { config, directory } => {
             let mut config = match load(config.as_ref()) {
                 Ok(c) => c,
@@ -79,6 +121,27 @@ fn main() -> ExitCode {
             };
             logging::flush();
             code
+        }
+    }
+}
+
+fn top(controller: &str, secret: Option<String>, interval: u64, once: Option<&str>) -> ExitCode {
+    let interval = std::time::Duration::from_millis(interval);
+    let result = tpacct::top::Target::new(controller, secret).and_then(|target| match once {
+        None => tpacct::top::run(&target, interval),
+        Some(size) => {
+            let (w, h) = size
+                .split_once('x')
+                .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+                .unwrap_or((120, 40));
+            tpacct::top::once(&target, interval, w, h).map(|frame| print!("{frame}"))
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tpacctd top: {e}");
+            ExitCode::FAILURE
         }
     }
 }

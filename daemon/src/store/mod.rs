@@ -162,6 +162,22 @@ impl Row {
     }
 }
 
+/// A direct writer for rows that were not this process's flows (imports, benches): the same
+/// schema, migrations, transactions and rollups as the writer thread, on the caller's thread.
+#[derive(Debug)]
+pub struct Import(rusqlite::Connection);
+
+impl Import {
+    pub fn open(path: &Path) -> rusqlite::Result<Import> {
+        writer::open(&path.to_path_buf()).map(Import)
+    }
+
+    /// Writes `rows` in one transaction (rows already there are left alone).
+    pub fn write(&mut self, rows: &[Row]) -> rusqlite::Result<()> {
+        writer::write(&mut self.0, rows.iter())
+    }
+}
+
 enum Msg {
     Row(Box<Row>),
     /// Commit what is pending, answer, and end.

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use super::{
     COLUMNS, PLACEHOLDERS, Row,
-    rollup::{self, DIMENSIONS, Part},
+    rollup::{self, DIMENSIONS, Level, Part},
 };
 
 /// What a stats request asks, already validated.
@@ -86,12 +86,15 @@ pub fn open(path: &Path, extra: &[Row]) -> rusqlite::Result<Connection> {
         "CREATE TEMP TABLE mem_flows AS SELECT {COLUMNS} FROM main.flows WHERE 0"
     ))?;
     {
-        let mut insert = conn.prepare(&format!(
+        let tx = conn.unchecked_transaction()?;
+        let mut insert = tx.prepare(&format!(
             "INSERT INTO temp.mem_flows ({COLUMNS}) VALUES ({PLACEHOLDERS})"
         ))?;
         for r in extra {
             insert.execute(&r.params()[..])?;
         }
+        drop(insert);
+        tx.commit()?;
     }
     conn.execute_batch(
         "BEGIN;
@@ -114,30 +117,36 @@ impl Query {
         )
     }
 
-    /// Whether rollups can answer it (grouped by `column`): it groups and filters only by
-    /// their dimensions.
-    fn rolls_up(&self, column: Option<&str>) -> bool {
-        column.is_none_or(|c| DIMENSIONS.contains(&c))
-            && self.filters.iter().all(|(c, _)| DIMENSIONS.contains(c))
+    /// The rollups that can answer it with buckets no shorter than `bucket` milliseconds
+    /// (grouped by `column`): those keeping every column it groups and filters by.
+    fn rollups(&self, column: Option<&str>, bucket: i64) -> Option<(i64, &'static Level)> {
+        let needed = self.filters.iter().map(|(c, _)| *c).chain(column);
+        rollup::level_for(needed).map(|level| (bucket, level))
     }
 }
 
-/// The rows a query reads, and their parameters. With `bucket` (the query can use rollups;
-/// the longest slot its buckets allow), whole slots come from the rollups and only the
-/// range's edges from flows; else every flow in the range, with all its columns.
-fn source(q: &Query, bucket: Option<i64>) -> (String, Vec<Box<dyn ToSql>>) {
+/// The rows a query reads, and their parameters. With `rollups` (the longest slot its
+/// buckets allow, and the level keeping what it needs), whole slots come from the rollups and
+/// only the range's edges from flows; else every flow in the range, with all its columns.
+fn source(q: &Query, rollups: Option<(i64, &Level)>) -> (String, Vec<Box<dyn ToSql>>) {
     let (from, to) = q.range();
-    let parts: Vec<String> = match bucket {
-        Some(bucket) => rollup::plan(from, to, bucket)
+    let parts: Vec<String> = match rollups {
+        Some((bucket, level)) => rollup::plan(from, to, bucket)
             .into_iter()
             .map(|p| match p {
                 Part::Rollup(t, a, b) => format!(
-                    "SELECT {slot} * {ms} AS end_ms, device, network, inbound, rule, outbound, \
-                     connections, upload, download FROM main.{table} \
-                     WHERE {slot} >= {a} AND {slot} < {b}",
+                    "SELECT {slot} * {ms} AS end_ms, {dims}connections, upload, download \
+                     FROM main.{table} WHERE {slot} >= {a} AND {slot} < {b}",
                     slot = t.slot,
                     ms = t.ms,
-                    table = t.table
+                    table = t.table(level),
+                    dims = DIMENSIONS
+                        .iter()
+                        .map(|d| match level.dims.contains(d) {
+                            true => format!("{d}, "),
+                            false => format!("NULL AS {d}, "),
+                        })
+                        .collect::<String>(),
                 ),
                 Part::Flows(lo, hi) => format!(
                     "SELECT {} FROM main.flows WHERE end_ms >= {lo} AND end_ms < {hi}",
@@ -186,7 +195,7 @@ const SUMS: &str = "COALESCE(SUM(connections), 0) AS count, \
 
 /// `{count, download, upload, total}`.
 pub fn summary(conn: &Connection, q: &Query) -> rusqlite::Result<Value> {
-    let (from, args) = source(q, q.rolls_up(None).then_some(i64::MAX));
+    let (from, args) = source(q, q.rollups(None, i64::MAX));
     conn.query_row(
         &format!("SELECT {SUMS} FROM {from}"),
         params_from_iter(args.iter()),
@@ -209,7 +218,7 @@ pub fn group(
     (sort_by, descending): (&str, bool),
     limit: u32,
 ) -> rusqlite::Result<Value> {
-    let (from, args) = source(q, q.rolls_up(Some(expr)).then_some(i64::MAX));
+    let (from, args) = source(q, q.rollups(Some(expr), i64::MAX));
     let order = if descending { "DESC" } else { "ASC" };
     let sql = format!(
         "SELECT {expr} AS grp, {SUMS} FROM {from} GROUP BY grp \
@@ -235,7 +244,7 @@ pub fn timeseries(
     (bucket, slot): (&str, i64),
     metric: &str,
 ) -> rusqlite::Result<Value> {
-    let (from, args) = source(q, q.rolls_up(None).then_some(slot));
+    let (from, args) = source(q, q.rollups(None, slot));
     let sql = format!("SELECT {bucket} AS t, {SUMS} FROM {from} GROUP BY t ORDER BY t ASC");
     let column = match metric {
         "connections" => 1,

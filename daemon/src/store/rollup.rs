@@ -1,18 +1,19 @@
-//! Rollups: per-minute, per-hour and per-day sums of closed flows by (device, network,
-//! inbound, rule, outbound), written in the transaction that writes the flows, and the plan
-//! that covers a query's time range with the coarsest rollups that fit inside it and raw
-//! flows only at its edges, so a month reads thousands of rows, not millions.
+//! Rollups: per-minute, per-hour and per-day sums of closed flows at three levels of detail —
+//! by (device, network, inbound, rule, outbound), by device, and in all — written in the
+//! transaction that writes the flows; and the plan that covers a query's time range with the
+//! coarsest slots inside it, at the least detail the query needs, and raw flows only at its
+//! edges, so a month reads hundreds or thousands of rows, not millions.
 
 use std::collections::HashMap;
 
-use rusqlite::{Transaction, params};
+use rusqlite::Transaction;
 
 use super::Row;
 
-/// One level of rollups.
+/// One length of slot.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Tier {
-    /// Its table, and the column holding the slot (milliseconds / `ms`).
+    /// Its tables' stem, and the column holding the slot (milliseconds / `ms`).
     pub table: &'static str,
     pub slot: &'static str,
     /// A slot's length in milliseconds; each tier's divides the next coarser one's.
@@ -43,52 +44,98 @@ const DAY: Tier = Tier {
 /// Coarsest first.
 pub const TIERS: [&Tier; 3] = [&DAY, &HOUR, &MINUTE];
 
-/// The flow columns a rollup keeps; a query grouping or filtering only by these can use them.
+/// The flow columns the most detailed rollups keep; a query grouping or filtering only by
+/// these can use rollups.
 pub const DIMENSIONS: &[&str] = &["device", "network", "inbound", "rule", "outbound"];
 
-/// Adds `rows` (flows just inserted) to every tier: summed per key first, one upsert each.
+/// A level of detail: the flow columns its rows are keyed by.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Level {
+    suffix: &'static str,
+    pub dims: &'static [&'static str],
+}
+
+/// The least detail first.
+pub const LEVELS: [&Level; 3] = [
+    &Level {
+        suffix: "_total",
+        dims: &[],
+    },
+    &Level {
+        suffix: "_device",
+        dims: &["device"],
+    },
+    &Level {
+        suffix: "",
+        dims: DIMENSIONS,
+    },
+];
+
+impl Tier {
+    /// The table holding this tier at `level`.
+    pub fn table(&self, level: &Level) -> String {
+        format!("{}{}", self.table, level.suffix)
+    }
+}
+
+/// The least detailed level keeping every column in `needed`, if any does.
+pub fn level_for<'a>(mut needed: impl Iterator<Item = &'a str> + Clone) -> Option<&'static Level> {
+    LEVELS
+        .into_iter()
+        .find(|l| needed.clone().all(|c| l.dims.contains(&c)))
+        .filter(|_| needed.all(|c| DIMENSIONS.contains(&c)))
+}
+
+/// Adds `rows` (flows just inserted) to every tier at every level: summed per key first,
+/// one upsert each.
 pub fn add<'a>(tx: &Transaction<'_>, rows: impl Iterator<Item = &'a Row>) -> rusqlite::Result<()> {
-    type Key<'r> = (usize, i64, [&'r str; 5]);
+    type Key<'r> = (usize, usize, i64, [&'r str; 5]);
     let mut sums: HashMap<Key<'a>, (i64, i64, i64)> = HashMap::new();
     for r in rows {
-        let dims = [
+        let all = [
             r.device.as_str(),
             r.network,
             r.inbound,
             r.rule,
             r.outbound.as_str(),
         ];
-        for (i, tier) in TIERS.iter().enumerate() {
-            let sum = sums
-                .entry((i, r.end_ms.div_euclid(tier.ms), dims))
-                .or_default();
-            sum.0 += 1;
-            sum.1 += r.upload as i64;
-            sum.2 += r.download as i64;
+        for (t, tier) in TIERS.iter().enumerate() {
+            for (l, level) in LEVELS.iter().enumerate() {
+                let mut dims = [""; 5];
+                dims[..level.dims.len()].copy_from_slice(&all[..level.dims.len()]);
+                let sum = sums
+                    .entry((t, l, r.end_ms.div_euclid(tier.ms), dims))
+                    .or_default();
+                sum.0 += 1;
+                sum.1 += r.upload as i64;
+                sum.2 += r.download as i64;
+            }
         }
     }
-    for ((i, slot, d), (connections, upload, download)) in sums {
-        let Tier { table, slot: s, .. } = TIERS[i];
-        tx.prepare_cached(&format!(
-            "INSERT INTO {table} ({s}, device, network, inbound, rule, outbound,
-                connections, upload, download)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-             ON CONFLICT ({s}, device, network, inbound, rule, outbound) DO UPDATE SET
+    for ((t, l, slot, dims), (connections, upload, download)) in sums {
+        let (tier, level) = (TIERS[t], LEVELS[l]);
+        let n = level.dims.len();
+        let columns: String = level.dims.iter().map(|d| format!("{d}, ")).collect();
+        let marks: String = (0..n).map(|i| format!("?{}, ", i + 5)).collect();
+        let key: String = level.dims.iter().map(|d| format!(", {d}")).collect();
+        let mut stmt = tx.prepare_cached(&format!(
+            "INSERT INTO {table} ({s}, {columns}connections, upload, download)
+             VALUES (?1, {marks}?2, ?3, ?4)
+             ON CONFLICT ({s}{key}) DO UPDATE SET
                 connections = connections + excluded.connections,
                 upload = upload + excluded.upload,
-                download = download + excluded.download"
-        ))?
-        .execute(params![
-            slot,
-            d[0],
-            d[1],
-            d[2],
-            d[3],
-            d[4],
-            connections,
-            upload,
-            download
-        ])?;
+                download = download + excluded.download",
+            table = tier.table(level),
+            s = tier.slot,
+        ))?;
+        stmt.raw_bind_parameter(1, slot)?;
+        stmt.raw_bind_parameter(2, connections)?;
+        stmt.raw_bind_parameter(3, upload)?;
+        stmt.raw_bind_parameter(4, download)?;
+        for (i, d) in dims[..n].iter().enumerate() {
+            stmt.raw_bind_parameter(i + 5, d)?;
+        }
+        stmt.raw_execute()?;
     }
     Ok(())
 }
@@ -166,6 +213,15 @@ mod tests {
             at = hi;
         }
         assert_eq!(at, to);
+    }
+
+    #[test]
+    fn a_query_reads_the_least_detail_it_needs() {
+        assert_eq!(level_for([].into_iter()), Some(LEVELS[0]));
+        assert_eq!(level_for(["device"].into_iter()), Some(LEVELS[1]));
+        assert_eq!(level_for(["device", "rule"].into_iter()), Some(LEVELS[2]));
+        assert_eq!(level_for(["outbound"].into_iter()), Some(LEVELS[2]));
+        assert_eq!(level_for(["device", "host"].into_iter()), None);
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 use rusqlite::Connection;
 
+use super::rollup;
+
 /// Each entry takes the database from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
     // 1: closed flows, and per-minute rollups for long ranges.
@@ -44,41 +46,58 @@ const MIGRATIONS: &[&str] = &[
         download INTEGER NOT NULL,
         PRIMARY KEY (minute, device, network, inbound, rule, outbound)
     ) WITHOUT ROWID;",
-    // 2: hourly and daily rollups, filled from the minutes already kept.
-    "CREATE TABLE rollup_hour (
-        hour INTEGER NOT NULL,
-        device TEXT NOT NULL,
-        network TEXT NOT NULL,
-        inbound TEXT NOT NULL,
-        rule TEXT NOT NULL,
-        outbound TEXT NOT NULL,
-        connections INTEGER NOT NULL,
-        upload INTEGER NOT NULL,
-        download INTEGER NOT NULL,
-        PRIMARY KEY (hour, device, network, inbound, rule, outbound)
-    ) WITHOUT ROWID;
-    CREATE TABLE rollup_day (
-        day INTEGER NOT NULL,
-        device TEXT NOT NULL,
-        network TEXT NOT NULL,
-        inbound TEXT NOT NULL,
-        rule TEXT NOT NULL,
-        outbound TEXT NOT NULL,
-        connections INTEGER NOT NULL,
-        upload INTEGER NOT NULL,
-        download INTEGER NOT NULL,
-        PRIMARY KEY (day, device, network, inbound, rule, outbound)
-    ) WITHOUT ROWID;
-    INSERT INTO rollup_hour SELECT minute / 60, device, network, inbound, rule, outbound,
-        SUM(connections), SUM(upload), SUM(download) FROM rollup_minute
-        GROUP BY minute / 60, device, network, inbound, rule, outbound;
-    INSERT INTO rollup_day SELECT minute / 1440, device, network, inbound, rule, outbound,
-        SUM(connections), SUM(upload), SUM(download) FROM rollup_minute
-        GROUP BY minute / 1440, device, network, inbound, rule, outbound;",
 ];
 
+/// Each migration's SQL: the fixed ones, then those built from the rollup tiers and levels
+/// (whose names and columns never change once released).
+fn migrations() -> Vec<String> {
+    let mut all: Vec<String> = MIGRATIONS.iter().map(|m| (*m).to_owned()).collect();
+    all.push(rollups_by_hour_and_day());
+    all
+}
+
+/// 2: every tier at every level (the minute tier at full detail exists since 1), filled from
+/// the minutes already kept.
+fn rollups_by_hour_and_day() -> String {
+    let mut sql = String::new();
+    for tier in rollup::TIERS {
+        for level in rollup::LEVELS {
+            let table = tier.table(level);
+            if table == "rollup_minute" {
+                continue;
+            }
+            let dims: String = level.dims.iter().map(|d| format!("{d}, ")).collect();
+            let per = tier.ms / 60_000;
+            sql += &format!(
+                "CREATE TABLE {table} (
+                    {slot} INTEGER NOT NULL,
+                    {typed}
+                    connections INTEGER NOT NULL,
+                    upload INTEGER NOT NULL,
+                    download INTEGER NOT NULL,
+                    PRIMARY KEY ({slot}{key})
+                ) WITHOUT ROWID;
+                INSERT INTO {table} SELECT minute / {per}, {dims}SUM(connections), SUM(upload),
+                    SUM(download) FROM rollup_minute GROUP BY minute / {per}{key};\n",
+                slot = tier.slot,
+                typed = level
+                    .dims
+                    .iter()
+                    .map(|d| format!("{d} TEXT NOT NULL,"))
+                    .collect::<String>(),
+                key = level
+                    .dims
+                    .iter()
+                    .map(|d| format!(", {d}"))
+                    .collect::<String>(),
+            );
+        }
+    }
+    sql
+}
+
 /// The schema version this build writes.
-pub const VERSION: usize = MIGRATIONS.len();
+pub const VERSION: usize = MIGRATIONS.len() + 1;
 
 /// Brings `conn` to [`VERSION`]; refuses a database from a newer build.
 pub fn migrate(conn: &mut Connection) -> rusqlite::Result<usize> {
@@ -88,7 +107,7 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<usize> {
             "the database is at schema version {at}, newer than this build's {VERSION}"
         )));
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(at) {
+    for (i, sql) in migrations().iter().enumerate().skip(at) {
         let tx = conn.transaction()?;
         tx.execute_batch(sql)?;
         tx.pragma_update(None, "user_version", i + 1)?;

@@ -124,24 +124,29 @@ fn rollups_and_flows_agree_with_the_rows_for_any_range() {
         assert_eq!(s["upload"], sum(|r| r.upload));
         assert_eq!(s["download"], sum(|r| r.download));
 
-        let g =
-            query::group(&q, &query, ("device", "device"), ("total", true), 100).expect("group");
-        let mut want = BTreeMap::<String, u64>::new();
-        for r in &inside {
-            *want.entry(r.device.clone()).or_default() += r.upload + r.download;
+        // By device (the device level) and by rule (the full one).
+        for key in ["device", "rule"] {
+            let g = query::group(&q, &query, (key, key), ("total", true), 100).expect("group");
+            let mut want = BTreeMap::<String, u64>::new();
+            for r in &inside {
+                let k = if key == "device" {
+                    r.device.as_str()
+                } else {
+                    r.rule
+                };
+                *want.entry(k.to_owned()).or_default() += r.upload + r.download;
+            }
+            let got: BTreeMap<String, u64> = g
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    let k = e[key].as_str().unwrap_or_default().to_owned();
+                    (k, e["total"].as_u64().unwrap_or(0))
+                })
+                .collect();
+            assert_eq!(got, want, "group by {key} {a}..{b}");
         }
-        let got: BTreeMap<String, u64> = g
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|e| {
-                (
-                    e["device"].as_str().unwrap_or_default().into(),
-                    e["total"].as_u64().unwrap_or(0),
-                )
-            })
-            .collect();
-        assert_eq!(got, want, "group {a}..{b}");
 
         for &(name, bucket, slot) in query::INTERVALS {
             let t = query::timeseries(&q, &query, (bucket, slot), "connections").expect("series");

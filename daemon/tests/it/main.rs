@@ -33,6 +33,7 @@ mod sniffing;
 mod systemd;
 mod tcp_live;
 mod tcp_totals;
+mod top;
 mod tproxy_bind;
 mod tproxy_scale;
 mod tproxy_tcp;
@@ -71,6 +72,7 @@ fn main() {
         sniffing::tests(),
         tcp_live::tests(),
         tcp_totals::tests(),
+        top::tests(),
         tproxy_bind::tests(),
         tproxy_scale::tests(),
         tproxy_tcp::tests(),

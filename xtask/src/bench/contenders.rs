@@ -24,10 +24,12 @@ pub(super) enum Contender {
     /// The same two with 10,000 rules in front of `MATCH,DIRECT` (connection set-up only).
     TpacctRules,
     MihomoRules,
+    /// tpacctd (eBPF) with `storage: {enable: false}` (connection churn only).
+    TpacctNoHistory,
 }
 
 impl Contender {
-    pub(super) const ALL: [Contender; 7] = [
+    pub(super) const ALL: [Contender; 8] = [
         Contender::Kernel,
         Contender::TpacctEbpf,
         Contender::TpacctUserspace,
@@ -35,6 +37,7 @@ impl Contender {
         Contender::Haproxy,
         Contender::TpacctRules,
         Contender::MihomoRules,
+        Contender::TpacctNoHistory,
     ];
 
     pub(super) fn label(self) -> &'static str {
@@ -46,6 +49,7 @@ impl Contender {
             Contender::Haproxy => "haproxy",
             Contender::TpacctRules => "tpacctd (eBPF, 10k rules)",
             Contender::MihomoRules => "mihomo (10k rules)",
+            Contender::TpacctNoHistory => "tpacctd (eBPF, history off)",
         }
     }
 
@@ -61,13 +65,19 @@ impl Contender {
     pub(super) fn is_tpacct(self) -> bool {
         matches!(
             self,
-            Contender::TpacctEbpf | Contender::TpacctUserspace | Contender::TpacctRules
+            Contender::TpacctEbpf
+                | Contender::TpacctUserspace
+                | Contender::TpacctRules
+                | Contender::TpacctNoHistory
         )
     }
 
-    /// Whether only connection set-up is measured (the rule-count contenders).
+    /// Whether only connection set-up is measured (the rule-count and history-off ones).
     pub(super) fn setup_only(self) -> bool {
-        matches!(self, Contender::TpacctRules | Contender::MihomoRules)
+        matches!(
+            self,
+            Contender::TpacctRules | Contender::MihomoRules | Contender::TpacctNoHistory
+        )
     }
 }
 
@@ -280,22 +290,32 @@ pub(super) fn start(who: Contender, topo: &Topology, daemon: &Path, dir: &Path) 
             let config = config.to_string_lossy().into_owned();
             return behind_rules(topo, Path::new("haproxy"), &["-db", "-f", &config]);
         }
-        Contender::TpacctEbpf | Contender::TpacctRules => "ebpf",
+        Contender::TpacctEbpf | Contender::TpacctRules | Contender::TpacctNoHistory => "ebpf",
         Contender::TpacctUserspace => "userspace",
+    };
+    let storage = if who == Contender::TpacctNoHistory {
+        "storage:\n  enable: false\n".to_owned()
+    } else {
+        format!(
+            "storage:\n  path: {}\n",
+            std::path::absolute(dir)?
+                .join("tpacct-history.db")
+                .display()
+        )
     };
     let rules = if who == Contender::TpacctRules {
         many_rules()
     } else {
         String::new()
     };
-    let config = dir.join(format!("tpacct-{mode}.yaml"));
+    let config = dir.join(format!("tpacct-{who:?}.yaml"));
     std::fs::write(
         &config,
         format!(
             "log-level: warning\naccounting: {mode}\ntproxy-port: 7893\nrouting-mark: 6666\n\
              mixed-port: {MIXED_PORT}\nallow-lan: true\n\
              tcp-idle-timeout: 0\nmax-connections: 200000\nexternal-controller: 127.0.0.1:9090\n\
-             secret: bench\ntproxy-firewall:\n  interfaces: [gw-lan]\nrules:\n{rules}  \
+             secret: bench\n{storage}tproxy-firewall:\n  interfaces: [gw-lan]\nrules:\n{rules}  \
              - 'MATCH,DIRECT'\n"
         ),
     )?;
@@ -327,7 +347,7 @@ pub(super) fn start(who: Contender, topo: &Topology, daemon: &Path, dir: &Path) 
     loop {
         match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(line) if line.contains("ready") => break,
-            Ok(line) if who == Contender::TpacctEbpf && line.contains("accounting: userspace") => {
+            Ok(line) if mode == "ebpf" && line.contains("accounting: userspace") => {
                 bail!("tpacctd could not use eBPF: {line}")
             }
             Ok(_) => {}

@@ -22,6 +22,7 @@ use crate::netns::Topology;
 
 mod clients;
 mod contenders;
+mod history;
 mod report;
 mod routing;
 
@@ -94,6 +95,8 @@ pub fn run(daemon: &Path, quick: bool) -> Result<()> {
     std::fs::create_dir_all(&out_dir)?;
     eprintln!("bench: routing decisions (cargo bench --bench routing)");
     let routing = routing::run(quick)?;
+    eprintln!("bench: history queries (cargo bench --bench history)");
+    let queries = history::run(quick, &out_dir)?;
     let topo = Topology::up(PREFIX, NET)?;
     // Churn cycles through the client's ports within seconds; TIME_WAIT entries left on the
     // server (60 s) would then collide with reused ports and measure that collision, not the
@@ -162,6 +165,11 @@ pub fn run(daemon: &Path, quick: bool) -> Result<()> {
     drop(topo);
     let (mut markdown, mut json) = report(&samples, &d, quick);
     markdown.push_str(&routing::markdown(&routing));
+    markdown.push_str(&history::markdown(&queries, &samples));
+    json.insert_str(
+        json.find("  \"results\"").unwrap_or(0),
+        &history::json(&queries),
+    );
     json.insert_str(
         json.find("  \"results\"").unwrap_or(0),
         &routing::json(&routing),
@@ -221,8 +229,22 @@ fn measure(
             samples.add("cpu1", who, (after - before) / (bytes / 1e9));
         }
     }
+    let before = (who == Contender::TpacctEbpf)
+        .then(|| history::store_counts(topo))
+        .transpose()?;
+    let started = Instant::now();
     let churn = client(topo, me, &["churn", &echo, &d.churn.as_secs().to_string()])?;
     samples.add("churn", who, churn[0]);
+    if let Some((written, _, dropped)) = before {
+        let (now, pending, dropped_now) = history::store_counts(topo)?;
+        samples.add(
+            "store_rate",
+            who,
+            (now - written) / started.elapsed().as_secs_f64(),
+        );
+        samples.add("store_left", who, pending);
+        samples.add("store_dropped", who, dropped_now - dropped);
+    }
     let rr = client(topo, me, &["latency", &echo, &d.requests.to_string()])?;
     samples.add("rr_p50", who, rr[0]);
     samples.add("rr_p99", who, rr[1]);
