@@ -50,15 +50,32 @@ impl Memory {
         }
     }
 
-    /// Memory in use where the limit applies: the limiting cgroup's charge (this cgroup's
-    /// when nothing above limits it), else RSS.
+    /// Memory in use where the limit applies: the limiting cgroup's working set (this
+    /// cgroup's when nothing above limits it) — its charge less the inactive file cache the
+    /// kernel reclaims before it kills anything (what the kubelet and `docker stats` use) —
+    /// else RSS. The history database's writes, say, are cache, not flows' memory.
     pub fn usage(&self) -> u64 {
+        let working_set = |dir: &Path, charge: &str, inactive: &str| {
+            let charged = read_u64(&dir.join(charge))?;
+            let stat = std::fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
+            let cache = stat
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix(inactive)?
+                        .strip_prefix(' ')?
+                        .trim()
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or(0u64);
+            Some(charged.saturating_sub(cache))
+        };
         let charged = match self {
             Memory::V2 { own, root } => {
                 let dir = limited_ancestor(own, root).map_or_else(|| own.clone(), |(d, _)| d);
-                read_u64(&dir.join("memory.current"))
+                working_set(&dir, "memory.current", "inactive_file")
             }
-            Memory::V1(dir) => read_u64(&dir.join("memory.usage_in_bytes")),
+            Memory::V1(dir) => working_set(dir, "memory.usage_in_bytes", "total_inactive_file"),
             Memory::Rss => None,
         };
         charged.unwrap_or_else(crate::speed::rss)

@@ -55,7 +55,7 @@ where
     A: Fn() -> u64,
 {
     let end = run(client, upstream, opts).await;
-    if matches!(end, End::UpstreamReset | End::Closed) {
+    if !matches!(end, End::Done | End::Idle) {
         reset(client);
     }
     end

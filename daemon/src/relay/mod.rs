@@ -23,9 +23,9 @@ use splice::Pipe;
 pub enum End {
     /// Both directions reached EOF.
     Done,
-    /// The client reset (or failed); the upstream was reset too.
+    /// The client reset (or reading from it failed); both sides were reset.
     ClientReset,
-    /// The upstream reset (or failed); the client was reset too.
+    /// The upstream reset (or failed); both sides were reset.
     UpstreamReset,
     /// Nothing moved for the idle timeout.
     Idle,
@@ -75,16 +75,16 @@ pub async fn tcp<A: Fn() -> u64>(
                     up_done = true;
                     let _ = SockRef::from(upstream).shutdown(std::net::Shutdown::Write);
                 }
-                Err(PumpError::Read(e)) => return failed(End::ClientReset, &e, upstream),
-                Err(PumpError::Write(e)) => return failed(End::UpstreamReset, &e, client),
+                Err(PumpError::Read(e)) => return failed(End::ClientReset, &e, client, upstream),
+                Err(PumpError::Write(e)) => return failed(End::UpstreamReset, &e, client, upstream),
             },
             r = &mut down, if !down_done => match r {
                 Ok(()) => {
                     down_done = true;
                     let _ = SockRef::from(client).shutdown(std::net::Shutdown::Write);
                 }
-                Err(PumpError::Read(e)) => return failed(End::UpstreamReset, &e, client),
-                Err(PumpError::Write(e)) => return failed(End::ClientReset, &e, upstream),
+                Err(PumpError::Read(e)) => return failed(End::UpstreamReset, &e, client, upstream),
+                Err(PumpError::Write(e)) => return failed(End::ClientReset, &e, client, upstream),
             },
             () = opts.cancel.cancelled() => {
                 // Closed on demand: both sides end now, unread and unsent data discarded.
@@ -103,10 +103,12 @@ pub async fn tcp<A: Fn() -> u64>(
     }
 }
 
-/// One side failed with `e`: reset the other.
-fn failed(end: End, e: &io::Error, other: &TcpStream) -> End {
+/// One side failed with `e` (or the relay did: no pipe, say): both are reset, so neither
+/// peer takes the end for an orderly one.
+fn failed(end: End, e: &io::Error, client: &TcpStream, upstream: &TcpStream) -> End {
     tracing::debug!("relay: {end:?}: {e}");
-    reset(other);
+    reset(client);
+    reset(upstream);
     end
 }
 
