@@ -2,7 +2,7 @@
 //! tpacct --bench history`), the store keeping up while the relay churns, and what storing
 //! costs the churn (tpacctd with and without `storage`, in the same rounds).
 
-use std::{path::Path, process::Command};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 
@@ -18,24 +18,13 @@ pub(super) struct Queries {
 }
 
 pub(super) fn run(quick: bool, out_dir: &Path) -> Result<Queries> {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["bench", "-q", "-p", "tpacct", "--bench", "history", "--"])
-        .env("TPACCT_BENCH_DIR", std::path::absolute(out_dir)?);
-    if quick {
-        cmd.arg("--quick");
-    }
-    let out = cmd.output().context("cargo bench --bench history")?;
-    if !out.status.success() {
-        bail!(
-            "history bench failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let dir = std::path::absolute(out_dir)?;
+    let out = super::cargo_bench("history", quick, &[("TPACCT_BENCH_DIR", dir.as_os_str())])?;
     let mut q = Queries {
         flows: if quick { 1_000_000 } else { 10_000_000 },
         ..Queries::default()
     };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
+    for line in out.lines() {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             ["insert", rate] => q.insert = rate.parse().ok(),
@@ -103,6 +92,14 @@ pub(super) fn markdown(q: &Queries, samples: &Samples) -> String {
             "Store during churn: {:.0} closed flows/s committed ({:.0}–{:.0}); flows still \
              pending when the churn ended: {:.0} (max {:.0}), dropped: none unless said.\n",
             rate.0, rate.1, rate.2, left.0, left.2
+        ));
+    }
+    if let Some(cpu) = median(samples, "store_cpu", Contender::TpacctEbpf) {
+        md.push_str(&format!(
+            "The store's writer thread used {:.1}% of a core meanwhile ({:.1}–{:.1}%).\n",
+            cpu.0 * 100.0,
+            cpu.1 * 100.0,
+            cpu.2 * 100.0
         ));
     }
     if let Some(dropped) = median(samples, "store_dropped", Contender::TpacctEbpf)

@@ -184,12 +184,53 @@ pub fn run(daemon: &Path, quick: bool) -> Result<()> {
     Ok(())
 }
 
-/// CPU seconds (user + system) a process has used.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+/// `cargo bench -q -p tpacct --bench NAME [-- --quick]` with `env`: its standard output.
+fn cargo_bench(name: &str, quick: bool, env: &[(&str, &std::ffi::OsStr)]) -> Result<String> {
+    let mut cmd =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["bench", "-q", "-p", "tpacct", "--bench", name, "--"])
+        .envs(env.iter().copied());
+    if quick {
+        cmd.arg("--quick");
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("cargo bench --bench {name}"))?;
+    if !out.status.success() {
+        bail!(
+            "{name} bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// CPU seconds (user + system) the threads of `pid` named `name` have used.
+fn thread_cpu_seconds(pid: u32, name: &str) -> Option<f64> {
+    let mut total = None;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let tid: u32 = task.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+            *total.get_or_insert(0.0) += stat_cpu_seconds(&stat)?;
+        }
+    }
+    total
+}
+
+fn stat_cpu_seconds(stat: &str) -> Option<f64> {
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     Some(ticks / 100.0)
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
 fn measure(
@@ -232,6 +273,7 @@ fn measure(
     let before = (who == Contender::TpacctEbpf)
         .then(|| history::store_counts(topo))
         .transpose()?;
+    let writer_before = pid.and_then(|p| thread_cpu_seconds(p, "tpacct-store"));
     let started = Instant::now();
     let churn = client(topo, me, &["churn", &echo, &d.churn.as_secs().to_string()])?;
     samples.add("churn", who, churn[0]);
@@ -244,6 +286,12 @@ fn measure(
         );
         samples.add("store_left", who, pending);
         samples.add("store_dropped", who, dropped_now - dropped);
+        if let (Some(a), Some(b)) = (
+            writer_before,
+            pid.and_then(|p| thread_cpu_seconds(p, "tpacct-store")),
+        ) {
+            samples.add("store_cpu", who, (b - a) / started.elapsed().as_secs_f64());
+        }
     }
     let rr = client(topo, me, &["latency", &echo, &d.requests.to_string()])?;
     samples.add("rr_p50", who, rr[0]);

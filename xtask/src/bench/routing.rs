@@ -1,27 +1,14 @@
 //! The routing micro-bench: runs `cargo bench -p tpacct --bench routing` (release) and turns
 //! its lines into a markdown table and JSON rows for the report.
 
-use std::process::Command;
-
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 /// One size's figures: (rules, decisions/s, p50 ns, p99 ns, build ms, RSS growth bytes).
 pub(super) type Row = (u64, f64, f64, f64, f64, f64);
 
 pub(super) fn run(quick: bool) -> Result<Vec<Row>> {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["bench", "-q", "-p", "tpacct", "--bench", "routing", "--"]);
-    if quick {
-        cmd.arg("--quick");
-    }
-    let out = cmd.output().context("cargo bench --bench routing")?;
-    if !out.status.success() {
-        bail!(
-            "routing bench failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let rows = String::from_utf8_lossy(&out.stdout)
+    let out = super::cargo_bench("routing", quick, &[])?;
+    let rows = out
         .lines()
         .filter_map(|line| {
             let n: Vec<f64> = line
