@@ -176,32 +176,47 @@ impl Model {
         self.history = devices.is_some();
         let mut seen = HashMap::new();
         self.devices = match devices.and_then(Value::as_array) {
-            Some(list) => list
-                .iter()
-                .map(|d| {
-                    let id = text(&d["device"]).to_owned();
-                    let ips: Vec<&str> = d["ips"]
-                        .as_array()
-                        .map(|a| a.iter().map(text).collect())
-                        .unwrap_or_default();
-                    let bytes = pair(d);
-                    let row = DeviceRow {
-                        name: d["hostname"].as_str().unwrap_or(&id).to_owned(),
-                        flows: self
-                            .flows
-                            .iter()
-                            .filter(|f| ips.contains(&f.source.as_str()))
-                            .count(),
-                        ips: ips.join(", "),
-                        rate: rate(self.seen_devices.get(&id), bytes),
-                        today: d["today"].as_u64(),
-                        month: d["month"].as_u64(),
-                        total: d["total"].as_u64().unwrap_or(bytes.0 + bytes.1),
-                    };
-                    seen.insert(id, bytes);
-                    row
-                })
-                .collect(),
+            Some(list) => {
+                // An address seen from several devices (a MAC that changed) is the one that
+                // used it last: its live flows count there.
+                let mut owner: HashMap<&str, (&str, &str)> = HashMap::new();
+                for d in list {
+                    let last = text(&d["last_seen"]);
+                    for ip in d["ips"].as_array().into_iter().flatten().map(text) {
+                        let o = owner.entry(ip).or_insert((text(&d["device"]), last));
+                        if last > o.1 {
+                            *o = (text(&d["device"]), last);
+                        }
+                    }
+                }
+                list.iter()
+                    .map(|d| {
+                        let id = text(&d["device"]).to_owned();
+                        let ips: Vec<&str> = d["ips"]
+                            .as_array()
+                            .map(|a| a.iter().map(text).collect())
+                            .unwrap_or_default();
+                        let bytes = pair(d);
+                        let row = DeviceRow {
+                            name: d["hostname"].as_str().unwrap_or(&id).to_owned(),
+                            flows: self
+                                .flows
+                                .iter()
+                                .filter(|f| {
+                                    owner.get(f.source.as_str()).map(|o| o.0) == Some(id.as_str())
+                                })
+                                .count(),
+                            ips: ips.join(", "),
+                            rate: rate(self.seen_devices.get(&id), bytes),
+                            today: d["today"].as_u64(),
+                            month: d["month"].as_u64(),
+                            total: d["total"].as_u64().unwrap_or(bytes.0 + bytes.1),
+                        };
+                        seen.insert(id, bytes);
+                        row
+                    })
+                    .collect()
+            }
             None => {
                 let mut by_source: HashMap<&str, DeviceRow> = HashMap::new();
                 for f in &self.flows {
@@ -264,9 +279,14 @@ mod tests {
             json!({"uploadTotal": a, "downloadTotal": b,
                    "connections": [flow("1", "10.0.0.2", a, b)]})
         };
+        // The address was an older device's before (its MAC changed): flows count once.
         let devices = |a: u64, b: u64| {
             json!([{"device": "02:00:00:00:00:01", "ips": ["10.0.0.2"], "hostname": "laptop",
-                    "upload": a, "download": b, "today": a + b, "month": a + b, "total": a + b}])
+                    "last_seen": "2026-11-23T10:00:00.000Z",
+                    "upload": a, "download": b, "today": a + b, "month": a + b, "total": a + b},
+                   {"device": "02:00:00:00:00:09", "ips": ["10.0.0.2"],
+                    "last_seen": "2026-11-22T10:00:00.000Z",
+                    "upload": 1, "download": 1, "today": 0, "month": 2, "total": 2}])
         };
         m.update(&conns(100, 1_000), Some(&devices(100, 1_000)), t);
         assert_eq!(m.flows[0].rate, (0.0, 0.0));
@@ -282,6 +302,7 @@ mod tests {
         assert_eq!(m.devices[0].rate, (100.0, 2_000.0));
         assert_eq!(m.devices[0].flows, 1);
         assert_eq!(m.devices[0].today, Some(5_300));
+        assert_eq!(m.devices[1].flows, 0);
         // Without history, devices are the live flows' sources.
         m.update(&conns(300, 5_000), None, t + Duration::from_secs(3));
         assert_eq!(m.devices[0].name, "10.0.0.2");
