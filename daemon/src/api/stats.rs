@@ -33,10 +33,11 @@ fn bad(message: impl Into<String>) -> (StatusCode, String) {
 
 /// Runs `work` on a query thread and answers with its result (503 when too many wait).
 async fn respond(
-    state: &ApiState,
-    work: impl FnOnce() -> Result<Value, (StatusCode, String)> + Send + 'static,
+    state: Arc<ApiState>,
+    work: impl FnOnce(&ApiState) -> Result<Value, (StatusCode, String)> + Send + 'static,
 ) -> Response {
-    match state.queries.run(work).await {
+    let shared = state.clone();
+    match state.queries.run(move || work(&shared)).await {
         Ok(Ok(data)) => envelope(StatusCode::OK, Ok(data)),
         Ok(Err((status, message))) => envelope(status, Err(message)),
         Err(e @ QueryError::Busy) => envelope(StatusCode::SERVICE_UNAVAILABLE, Err(e.to_string())),
@@ -132,12 +133,14 @@ fn limit(
 
 /// Flows the database may not hold yet: the recently closed ring and the live flows.
 fn unsaved(state: &ApiState, store: &Store, with_live: bool) -> Vec<Row> {
-    let (recent, live) = state.registry.recent_and_live();
-    let live = live.iter().filter(|_| with_live);
+    let (recent, mut live) = state.registry.recent_and_live();
+    if !with_live {
+        live.clear();
+    }
     recent
         .iter()
         .map(|c| store.row(c))
-        .chain(live.map(|l| store.row(&l.flow.closed(l.traffic))))
+        .chain(live.iter().map(|l| store.row(&l.flow.closed(l.traffic))))
         .collect()
 }
 
@@ -162,8 +165,8 @@ fn failed(e: rusqlite::Error) -> (StatusCode, String) {
 /// `GET /api/v1/devices`: every device with its addresses, name and usage today, this month
 /// and in all (UTC days and months).
 pub(super) async fn devices(State(state): State<Arc<ApiState>>) -> Response {
-    respond(&state.clone(), move || {
-        let (store, conn) = connect(&state, true)?;
+    respond(state, move |state| {
+        let (store, conn) = connect(state, true)?;
         let mut list = query::devices(&conn, std::time::SystemTime::now()).map_err(failed)?;
         for d in list.iter_mut() {
             let id = d["device"].as_str().unwrap_or_default().to_owned();
@@ -231,7 +234,7 @@ pub(super) async fn stats(
     State(state): State<Arc<ApiState>>,
     Params(params): Params<HashMap<String, String>>,
 ) -> Response {
-    respond(&state.clone(), move || answer(&state, &params)).await
+    respond(state, move |state| answer(state, &params)).await
 }
 
 /// `GET /api/v1/connections`: closed flows, the newest first, `limit` (1–1000, default 100) a
@@ -241,7 +244,7 @@ pub(super) async fn connections(
     State(state): State<Arc<ApiState>>,
     Params(params): Params<HashMap<String, String>>,
 ) -> Response {
-    respond(&state.clone(), move || {
+    respond(state, move |state| {
         let q = parse(&params, &["limit", "cursor"])?;
         let limit = limit(&params, 100, 1000)?;
         let after = params
@@ -252,7 +255,7 @@ pub(super) async fn connections(
                     .ok_or_else(|| bad(format!("cursor: {c:?} is not one this API gave")))
             })
             .transpose()?;
-        let (_, conn) = connect(&state, false)?;
+        let (_, conn) = connect(state, false)?;
         let (rows, next) = query::closed(&conn, &q, after, limit).map_err(failed)?;
         Ok(json!({ "connections": rows, "next_cursor": next }))
     })

@@ -169,7 +169,7 @@ pub struct Import(rusqlite::Connection);
 
 impl Import {
     pub fn open(path: &Path) -> rusqlite::Result<Import> {
-        writer::open(&path.to_path_buf()).map(Import)
+        writer::open(path).map(Import)
     }
 
     /// Writes `rows` in one transaction (rows already there are left alone).

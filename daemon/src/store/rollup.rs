@@ -48,11 +48,23 @@ pub const TIERS: [&Tier; 3] = [&DAY, &HOUR, &MINUTE];
 /// these can use rollups.
 pub const DIMENSIONS: &[&str] = &["device", "network", "inbound", "rule", "outbound"];
 
-/// A level of detail: the flow columns its rows are keyed by.
+/// A level of detail: the flow columns its rows are keyed by (a prefix of [`DIMENSIONS`]).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Level {
     suffix: &'static str,
     pub dims: &'static [&'static str],
+}
+
+impl Level {
+    /// Its columns, each followed by `", "` (for a column list they start).
+    pub fn columns(&self) -> String {
+        self.dims.iter().map(|d| format!("{d}, ")).collect()
+    }
+
+    /// Its columns, each preceded by `", "` (for a key after the slot).
+    pub fn key(&self) -> String {
+        self.dims.iter().map(|d| format!(", {d}")).collect()
+    }
 }
 
 /// The least detail first.
@@ -115,9 +127,7 @@ pub fn add<'a>(tx: &Transaction<'_>, rows: impl Iterator<Item = &'a Row>) -> rus
     for ((t, l, slot, dims), (connections, upload, download)) in sums {
         let (tier, level) = (TIERS[t], LEVELS[l]);
         let n = level.dims.len();
-        let columns: String = level.dims.iter().map(|d| format!("{d}, ")).collect();
         let marks: String = (0..n).map(|i| format!("?{}, ", i + 5)).collect();
-        let key: String = level.dims.iter().map(|d| format!(", {d}")).collect();
         let mut stmt = tx.prepare_cached(&format!(
             "INSERT INTO {table} ({s}, {columns}connections, upload, download)
              VALUES (?1, {marks}?2, ?3, ?4)
@@ -127,6 +137,8 @@ pub fn add<'a>(tx: &Transaction<'_>, rows: impl Iterator<Item = &'a Row>) -> rus
                 download = download + excluded.download",
             table = tier.table(level),
             s = tier.slot,
+            columns = level.columns(),
+            key = level.key(),
         ))?;
         stmt.raw_bind_parameter(1, slot)?;
         stmt.raw_bind_parameter(2, connections)?;

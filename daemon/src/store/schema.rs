@@ -66,7 +66,6 @@ fn rollups_by_hour_and_day() -> String {
             if table == "rollup_minute" {
                 continue;
             }
-            let dims: String = level.dims.iter().map(|d| format!("{d}, ")).collect();
             let per = tier.ms / 60_000;
             sql += &format!(
                 "CREATE TABLE {table} (
@@ -85,18 +84,15 @@ fn rollups_by_hour_and_day() -> String {
                     .iter()
                     .map(|d| format!("{d} TEXT NOT NULL,"))
                     .collect::<String>(),
-                key = level
-                    .dims
-                    .iter()
-                    .map(|d| format!(", {d}"))
-                    .collect::<String>(),
+                dims = level.columns(),
+                key = level.key(),
             );
         }
     }
     sql
 }
 
-/// The schema version this build writes.
+/// The schema version this build writes: the fixed migrations and the one built above.
 pub const VERSION: usize = MIGRATIONS.len() + 1;
 
 /// Brings `conn` to [`VERSION`]; refuses a database from a newer build.
@@ -114,4 +110,12 @@ pub fn migrate(conn: &mut Connection) -> rusqlite::Result<usize> {
         tx.commit()?;
     }
     Ok(at)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_version_counts_every_migration() {
+        assert_eq!(super::migrations().len(), super::VERSION);
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::{
     collections::VecDeque,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::Ordering,
@@ -66,7 +66,7 @@ struct Writer {
     pruned_at: Option<Instant>,
 }
 
-pub(super) fn open(path: &PathBuf) -> rusqlite::Result<Connection> {
+pub(super) fn open(path: &Path) -> rusqlite::Result<Connection> {
     if let Some(dir) = path.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
