@@ -1,6 +1,7 @@
 //! The controller's accept loop: HTTP/1 with upgrades (WebSockets), bounded so that no client
-//! can starve the gateway — a cap on concurrent connections, a deadline for each request head,
-//! and (in the router) bodies over the limit answered 413 at once.
+//! can starve the gateway — a cap on connections served at once (more wait, accepted, up to a
+//! second cap, then in the backlog), a deadline for each request head, and (in the router)
+//! bodies over the limit answered 413 at once.
 
 use std::{sync::Arc, time::Duration};
 
@@ -12,8 +13,12 @@ use hyper_util::{
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-/// Concurrent controller connections; more wait in the listen backlog.
+/// Controller connections served at once; more wait, accepted, for a slot.
 pub const MAX_CONNECTIONS: usize = 1_024;
+/// Accepted connections waiting for a slot; more wait in the listen backlog. Accepting them
+/// drains the backlog, so a burst's handshakes are not dropped there (a handshake the kernel
+/// drops because the queue is full ends, a minute later, in a reset).
+const MAX_WAITING: usize = 4_096;
 /// The listen backlog asked for (the kernel caps it at `net.core.somaxconn`): a burst of
 /// clients waits here for a slot instead of having its handshakes dropped.
 const BACKLOG: i32 = 4_096;
@@ -54,10 +59,11 @@ pub async fn serve(
     tracker: TaskTracker,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let open = Arc::new(Semaphore::new(MAX_CONNECTIONS + MAX_WAITING));
     loop {
-        let permit = tokio::select! {
+        let held = tokio::select! {
             () = cancel.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p {
+            p = open.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => return,
             },
@@ -77,7 +83,15 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
         let cancel = cancel.clone();
+        let slots = slots.clone();
         tracker.spawn(async move {
+            let permit = tokio::select! {
+                () = cancel.cancelled() => return,
+                p = slots.acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+            };
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
@@ -95,7 +109,7 @@ pub async fn serve(
                     let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
                 }
             }
-            drop(permit);
+            drop((permit, held));
         });
     }
 }

@@ -90,6 +90,31 @@ impl Topology {
     }
 }
 
+/// Runs `fut` on a new thread inside `ns`, on a runtime of its own (its sockets are made in
+/// `ns`).
+pub fn spawn_async_in<T: Send + 'static>(
+    ns: &Netns,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> JoinHandle<T> {
+    spawn_in(ns, move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(fut)
+    })
+}
+
+/// [`spawn_async_in`], waited for.
+pub fn block_on_in<T: Send + 'static>(
+    ns: &Netns,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    spawn_async_in(ns, fut)
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
 /// Starts `f` on a new thread inside `ns`.
 pub fn spawn_in<T: Send + 'static>(
     ns: &Netns,

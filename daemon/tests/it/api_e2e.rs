@@ -15,7 +15,7 @@ use tpacct::config::AccountingMode;
 
 const API: &str = "127.0.0.1:9090";
 
-use crate::common::topo::{http, http_with};
+use crate::common::topo::{block_on_in, http, http_with, spawn_async_in};
 
 fn connections(topo: &Topology) -> Vec<Value> {
     let (status, body) = http(topo, "GET", "/connections");
@@ -179,30 +179,23 @@ fn websocket(
     within: Duration,
 ) -> Vec<(Instant, Value)> {
     let url = format!("ws://{API}{path}");
-    Topology::run_in(&topo.gateway, move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(async move {
-                let (mut ws, _) = tokio_tungstenite::connect_async(url)
-                    .await
-                    .expect("websocket");
-                let mut got = Vec::new();
-                let deadline = tokio::time::Instant::now() + within;
-                while got.len() < frames {
-                    let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, ws.next()).await
-                    else {
-                        break;
-                    };
-                    if let Ok(text) = msg.to_text()
-                        && let Ok(v) = serde_json::from_str::<Value>(text)
-                    {
-                        got.push((Instant::now(), v));
-                    }
-                }
-                got
-            })
+    block_on_in(&topo.gateway, async move {
+        let (mut ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket");
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + within;
+        while got.len() < frames {
+            let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, ws.next()).await else {
+                break;
+            };
+            if let Ok(text) = msg.to_text()
+                && let Ok(v) = serde_json::from_str::<Value>(text)
+            {
+                got.push((Instant::now(), v));
+            }
+        }
+        got
     })
 }
 
@@ -245,38 +238,28 @@ fn traffic_deltas_add_up_to_the_bytes_moved() {
             // only bounds a failure).
             let (start_tx, start_rx) = mpsc::channel::<()>();
             let (want_up, want_down) = (up as u64, down as u64);
-            let watcher = spawn_in(&topo.gateway, move || {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime")
-                    .block_on(async move {
-                        let (mut ws, _) =
-                            tokio_tungstenite::connect_async(format!("ws://{API}/traffic"))
-                                .await
-                                .expect("websocket");
-                        start_tx.send(()).expect("started");
-                        let mut frames: Vec<Value> = Vec::new();
-                        let mut quiet_after_totals = 0;
-                        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-                        while let Ok(Some(Ok(msg))) =
-                            tokio::time::timeout_at(deadline, ws.next()).await
-                        {
-                            let Ok(v) = serde_json::from_str::<Value>(msg.to_text().unwrap_or(""))
-                            else {
-                                continue;
-                            };
-                            let totals = (v["upTotal"].as_u64(), v["downTotal"].as_u64());
-                            frames.push(v);
-                            if totals.0 >= Some(want_up) && totals.1 >= Some(want_down) {
-                                quiet_after_totals += 1;
-                                if quiet_after_totals > 3 {
-                                    break;
-                                }
-                            }
+            let watcher = spawn_async_in(&topo.gateway, async move {
+                let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{API}/traffic"))
+                    .await
+                    .expect("websocket");
+                start_tx.send(()).expect("started");
+                let mut frames: Vec<Value> = Vec::new();
+                let mut quiet_after_totals = 0;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, ws.next()).await {
+                    let Ok(v) = serde_json::from_str::<Value>(msg.to_text().unwrap_or("")) else {
+                        continue;
+                    };
+                    let totals = (v["upTotal"].as_u64(), v["downTotal"].as_u64());
+                    frames.push(v);
+                    if totals.0 >= Some(want_up) && totals.1 >= Some(want_down) {
+                        quiet_after_totals += 1;
+                        if quiet_after_totals > 3 {
+                            break;
                         }
-                        frames
-                    })
+                    }
+                }
+                frames
             });
             start_rx.recv().expect("watching");
             let _server_ended = holding_server(topo, 5003, 1, up, down);

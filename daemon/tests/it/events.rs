@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use tpacct::config::AccountingMode;
 
 use crate::common::{
-    topo::{SERVER4, socket, spawn_in, with_gateway},
+    topo::{SERVER4, socket, spawn_async_in, spawn_in, with_gateway},
     upstreams::{fetch, identify_server},
 };
 
@@ -41,33 +41,27 @@ fn a_flow_is_opened_updated_and_closed_with_exact_deltas() {
             ready_rx.recv().expect("server");
             // The client of the events, in the gateway: every frame until two flows closed.
             let (subscribed_tx, subscribed_rx) = std::sync::mpsc::channel();
-            let events = spawn_in(&topo.gateway, move || {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime")
-                    .block_on(async move {
-                        let (mut ws, _) = tokio_tungstenite::connect_async(
-                            "ws://127.0.0.1:9090/connections/events?interval=100",
-                        )
+            let events = spawn_async_in(&topo.gateway, async move {
+                let (mut ws, _) = tokio_tungstenite::connect_async(
+                    "ws://127.0.0.1:9090/connections/events?interval=100",
+                )
+                .await
+                .expect("events");
+                subscribed_tx.send(()).expect("subscribed");
+                let mut frames = Vec::new();
+                let mut closed = 0;
+                while closed < 2 {
+                    let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
                         .await
-                        .expect("events");
-                        subscribed_tx.send(()).expect("subscribed");
-                        let mut frames = Vec::new();
-                        let mut closed = 0;
-                        while closed < 2 {
-                            let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
-                                .await
-                                .expect("an event within 20 s")
-                                .expect("open")
-                                .expect("frame");
-                            let frame: serde_json::Value =
-                                serde_json::from_str(msg.to_text().expect("text")).expect("json");
-                            closed += usize::from(frame["type"] == "closed");
-                            frames.push(frame);
-                        }
-                        frames
-                    })
+                        .expect("an event within 20 s")
+                        .expect("open")
+                        .expect("frame");
+                    let frame: serde_json::Value =
+                        serde_json::from_str(msg.to_text().expect("text")).expect("json");
+                    closed += usize::from(frame["type"] == "closed");
+                    frames.push(frame);
+                }
+                frames
             });
             subscribed_rx.recv().expect("subscribed");
             // A flow across several ticks.

@@ -15,7 +15,7 @@ use std::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tpacct::config::AccountingMode;
 
-use crate::common::topo::{API, SERVER4, Topology, socket, spawn_in, with_gateway};
+use crate::common::topo::{API, SERVER4, Topology, block_on_in, socket, spawn_in, with_gateway};
 
 const REQUESTS: usize = 10_000;
 const MESSAGE: usize = 1_024;
@@ -116,23 +116,17 @@ fn ten_thousand_queries_at_once_leave_relaying_alone() {
             storm.store(true, Ordering::Release);
             let before = rounds.load(Ordering::Acquire);
             let started = Instant::now();
-            let failures: Vec<String> = Topology::run_in(&topo.gateway, || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                rt.block_on(async {
-                    let tasks: Vec<_> = (0..REQUESTS)
-                        .map(|i| tokio::spawn(query(QUERIES[i % QUERIES.len()])))
-                        .collect();
-                    let mut failures = Vec::new();
-                    for t in tasks {
-                        if let Err(e) = t.await.expect("joined") {
-                            failures.push(e);
-                        }
+            let failures: Vec<String> = block_on_in(&topo.gateway, async {
+                let tasks: Vec<_> = (0..REQUESTS)
+                    .map(|i| tokio::spawn(query(QUERIES[i % QUERIES.len()])))
+                    .collect();
+                let mut failures = Vec::new();
+                for t in tasks {
+                    if let Err(e) = t.await.expect("joined") {
+                        failures.push(e);
                     }
-                    failures
-                })
+                }
+                failures
             });
             let took = started.elapsed();
             let during = rounds.load(Ordering::Acquire) - before;
