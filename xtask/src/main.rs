@@ -43,6 +43,13 @@ enum Command {
     Bench {
         #[arg(long)]
         quick: bool,
+        /// Only these contenders, connection churn only, no routing or history benches
+        /// (e.g. `--only ebpf,ebpf-no-history --rounds 8` for an A/B of one change).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Rounds instead of the default (3, or 1 with `--quick`).
+        #[arg(long)]
+        rounds: Option<usize>,
     },
     /// Setup, build, then put the binary, the systemd unit, the default config (unless one is
     /// there) and the README in place under ROOT (default /).
@@ -113,7 +120,7 @@ fn main() -> Result<()> {
             let tally = test()?;
             build()?;
             demo::run(&daemon(&root), Some(1))?;
-            bench::run(&daemon(&root), true)?;
+            bench::run(&daemon(&root), &bench::Options::quick())?;
             // The closing line CI reads: every cargo test result, summed.
             println!(
                 "tests: {} passed, {} failed, {} skipped",
@@ -121,10 +128,25 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Bench { quick } => {
+        Command::Bench {
+            quick,
+            only,
+            rounds,
+        } => {
             setup::ensure()?;
             build()?;
-            bench::run(&daemon(&root), quick)
+            let only = only
+                .iter()
+                .map(|k| bench::Contender::by_key(k))
+                .collect::<Result<Vec<_>>>()?;
+            bench::run(
+                &daemon(&root),
+                &bench::Options {
+                    quick,
+                    only,
+                    rounds,
+                },
+            )
         }
         Command::Install { root: dest } => {
             setup::ensure()?;

@@ -94,19 +94,31 @@ impl Writer {
             Ok(c) => self.conn = Some(c),
             Err(e) => self.failed("opening", &e),
         }
+        // Rows left in the queue by a full batch: take them without waiting.
+        let mut backlog = false;
         loop {
             let mut stop = None;
-            // Wait for a row (or the next retry / prune), then gather for the batch window.
-            match rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(Msg::Row(r)) => self.push(*r),
-                Ok(Msg::Stop(done)) => stop = Some(done),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return self.commit(),
+            // Wait for a row (or the next retry / prune), then let the batch window fill while
+            // asleep: a sender only wakes this thread for the first row of a batch, not for
+            // every flow that closes.
+            if !backlog {
+                match rx.recv_timeout(Duration::from_secs(1)) {
+                    Ok(Msg::Row(r)) => {
+                        self.push(*r);
+                        std::thread::sleep(BATCH_WINDOW);
+                    }
+                    Ok(Msg::Stop(done)) => stop = Some(done),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return self.commit(),
+                }
             }
-            let deadline = Instant::now() + BATCH_WINDOW;
-            while stop.is_none() && self.pending.len() < MAX_BATCH {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match rx.recv_timeout(left) {
+            let mut full = false;
+            while stop.is_none() {
+                if self.pending.len() >= MAX_BATCH {
+                    full = true;
+                    break;
+                }
+                match rx.try_recv() {
                     Ok(Msg::Row(r)) => self.push(*r),
                     Ok(Msg::Stop(done)) => stop = Some(done),
                     Err(_) => break,
@@ -116,6 +128,9 @@ impl Writer {
             if due || stop.is_some() {
                 self.commit();
             }
+            // Straight on only after a commit that may have made room (a failing database
+            // waits for its retry instead).
+            backlog = full && self.retry_at.is_none();
             if let Some(done) = stop {
                 let _ = done.send(());
                 return;

@@ -15,7 +15,7 @@ use crate::netns::Topology;
 
 /// Who forwards at the gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Contender {
+pub enum Contender {
     Kernel,
     TpacctEbpf,
     TpacctUserspace,
@@ -39,6 +39,30 @@ impl Contender {
         Contender::MihomoRules,
         Contender::TpacctNoHistory,
     ];
+
+    /// Its name on the command line (`--only`).
+    fn key(self) -> &'static str {
+        match self {
+            Contender::Kernel => "kernel",
+            Contender::TpacctEbpf => "ebpf",
+            Contender::TpacctUserspace => "userspace",
+            Contender::Mihomo => "mihomo",
+            Contender::Haproxy => "haproxy",
+            Contender::TpacctRules => "ebpf-rules",
+            Contender::MihomoRules => "mihomo-rules",
+            Contender::TpacctNoHistory => "ebpf-no-history",
+        }
+    }
+
+    pub fn by_key(key: &str) -> Result<Contender> {
+        Contender::ALL
+            .into_iter()
+            .find(|c| c.key() == key)
+            .with_context(|| {
+                let keys: Vec<&str> = Contender::ALL.iter().map(|c| c.key()).collect();
+                format!("no contender {key:?}; there are {}", keys.join(", "))
+            })
+    }
 
     pub(super) fn label(self) -> &'static str {
         match self {

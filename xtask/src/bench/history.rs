@@ -69,6 +69,24 @@ pub(super) fn markdown(q: &Queries, samples: &Samples) -> String {
             "| {name} | {p50:.1} ms | {p95:.1} ms | {max:.1} ms | {rows} |\n"
         ));
     }
+    md.push_str(&churn_cost(samples));
+    md
+}
+
+/// The churn of each of `who`, then what storing cost it.
+pub(super) fn churn_markdown(samples: &Samples, who: &[Contender]) -> String {
+    let mut md = String::from("| contender | churn, conn/s (median, min–max) |\n|---|---|\n");
+    for &c in who {
+        if let Some((m, lo, hi)) = median(samples, "churn", c) {
+            md.push_str(&format!("| {} | {m:.0} ({lo:.0}–{hi:.0}) |\n", c.label()));
+        }
+    }
+    md.push_str(&churn_cost(samples));
+    md
+}
+
+fn churn_cost(samples: &Samples) -> String {
+    let mut md = String::new();
     let on = median(samples, "churn", Contender::TpacctEbpf);
     let off = median(samples, "churn", Contender::TpacctNoHistory);
     if let (Some(on), Some(off)) = (on, off) {

@@ -27,7 +27,8 @@ mod report;
 mod routing;
 
 pub use clients::{client_main, serve, sink};
-use contenders::{Children, Contender, start};
+pub use contenders::Contender;
+use contenders::{Children, start};
 use report::{median_min_max, report};
 
 const PREFIX: &str = "tpacct-bench";
@@ -68,7 +69,26 @@ struct Durations {
     scale: (usize, usize),
 }
 
-pub fn run(daemon: &Path, quick: bool) -> Result<()> {
+/// What `cargo xtask bench` runs.
+pub struct Options {
+    pub quick: bool,
+    /// When not empty: only these contenders, and only connection churn.
+    pub only: Vec<Contender>,
+    pub rounds: Option<usize>,
+}
+
+impl Options {
+    pub fn quick() -> Options {
+        Options {
+            quick: true,
+            only: Vec::new(),
+            rounds: None,
+        }
+    }
+}
+
+pub fn run(daemon: &Path, o: &Options) -> Result<()> {
+    let quick = o.quick;
     let d = if quick {
         Durations {
             rounds: 1,
@@ -89,14 +109,20 @@ pub fn run(daemon: &Path, quick: bool) -> Result<()> {
     let cap = open_files_limit().saturating_sub(2048) / 2;
     let d = Durations {
         scale: (d.scale.0.min(cap / 2), d.scale.1.min(cap)),
+        rounds: o.rounds.unwrap_or(d.rounds),
         ..d
     };
+    let churn_only = !o.only.is_empty();
     let out_dir = PathBuf::from("target/bench");
     std::fs::create_dir_all(&out_dir)?;
-    eprintln!("bench: routing decisions (cargo bench --bench routing)");
-    let routing = routing::run(quick)?;
-    eprintln!("bench: history queries (cargo bench --bench history)");
-    let queries = history::run(quick, &out_dir)?;
+    let (routing, queries) = if churn_only {
+        (Vec::new(), None)
+    } else {
+        eprintln!("bench: routing decisions (cargo bench --bench routing)");
+        let routing = routing::run(quick)?;
+        eprintln!("bench: history queries (cargo bench --bench history)");
+        (routing, Some(history::run(quick, &out_dir)?))
+    };
     let topo = Topology::up(PREFIX, NET)?;
     // Churn cycles through the client's ports within seconds; TIME_WAIT entries left on the
     // server (60 s) would then collide with reused ports and measure that collision, not the
@@ -138,19 +164,21 @@ pub fn run(daemon: &Path, quick: bool) -> Result<()> {
     let mut unavailable = BTreeMap::new();
     for round in 1..=d.rounds {
         for who in Contender::ALL {
-            if unavailable.contains_key(&who) {
+            if unavailable.contains_key(&who) || (churn_only && !o.only.contains(&who)) {
                 continue;
             }
             eprintln!("bench: round {round}/{}: {}", d.rounds, who.label());
             match start(who, &topo, daemon, &out_dir) {
-                Ok(gateway) => match measure(who, &topo, &me, &d, gateway.pid, &mut samples) {
-                    Ok(()) => {}
-                    Err(e) if who.is_tpacct() => return Err(e.context(who.label())),
-                    Err(e) => {
-                        eprintln!("bench: {} failed a workload: {e:#}", who.label());
-                        unavailable.insert(who, format!("{e:#}"));
+                Ok(gateway) => {
+                    match measure(who, &topo, &me, &d, (gateway.pid, churn_only), &mut samples) {
+                        Ok(()) => {}
+                        Err(e) if who.is_tpacct() => return Err(e.context(who.label())),
+                        Err(e) => {
+                            eprintln!("bench: {} failed a workload: {e:#}", who.label());
+                            unavailable.insert(who, format!("{e:#}"));
+                        }
                     }
-                },
+                }
                 Err(e) if who.is_tpacct() => {
                     return Err(e.context(format!("{} failed to start", who.label())));
                 }
@@ -163,6 +191,11 @@ pub fn run(daemon: &Path, quick: bool) -> Result<()> {
     }
     drop(servers);
     drop(topo);
+    let Some(queries) = queries else {
+        // An A/B of churn alone: figures on the terminal, the last full report left alone.
+        println!("{}", history::churn_markdown(&samples, &o.only));
+        return Ok(());
+    };
     let (mut markdown, mut json) = report(&samples, &d, quick);
     markdown.push_str(&routing::markdown(&routing));
     markdown.push_str(&history::markdown(&queries, &samples));
@@ -238,14 +271,13 @@ fn measure(
     topo: &Topology,
     me: &Path,
     d: &Durations,
-    pid: Option<u32>,
+    (pid, churn_only): (Option<u32>, bool),
     samples: &mut Samples,
 ) -> Result<()> {
     let server = topo.server_ip();
     let echo = format!("{server}:{ECHO_PORT}");
-    if who.setup_only() {
-        let churn = client(topo, me, &["churn", &echo, &d.churn.as_secs().to_string()])?;
-        samples.add("churn", who, churn[0]);
+    if who.setup_only() || churn_only {
+        churn(who, topo, me, d, pid, samples)?;
         samples.add("rounds", who, 1.0);
         return Ok(());
     }
@@ -270,29 +302,7 @@ fn measure(
             samples.add("cpu1", who, (after - before) / (bytes / 1e9));
         }
     }
-    let before = (who == Contender::TpacctEbpf)
-        .then(|| history::store_counts(topo))
-        .transpose()?;
-    let writer_before = pid.and_then(|p| thread_cpu_seconds(p, "tpacct-store"));
-    let started = Instant::now();
-    let churn = client(topo, me, &["churn", &echo, &d.churn.as_secs().to_string()])?;
-    samples.add("churn", who, churn[0]);
-    if let Some((written, _, dropped)) = before {
-        let (now, pending, dropped_now) = history::store_counts(topo)?;
-        samples.add(
-            "store_rate",
-            who,
-            (now - written) / started.elapsed().as_secs_f64(),
-        );
-        samples.add("store_left", who, pending);
-        samples.add("store_dropped", who, dropped_now - dropped);
-        if let (Some(a), Some(b)) = (
-            writer_before,
-            pid.and_then(|p| thread_cpu_seconds(p, "tpacct-store")),
-        ) {
-            samples.add("store_cpu", who, (b - a) / started.elapsed().as_secs_f64());
-        }
-    }
+    churn(who, topo, me, d, pid, samples)?;
     let rr = client(topo, me, &["latency", &echo, &d.requests.to_string()])?;
     samples.add("rr_p50", who, rr[0]);
     samples.add("rr_p99", who, rr[1]);
@@ -333,6 +343,42 @@ fn measure(
         }
     }
     samples.add("rounds", who, 1.0);
+    Ok(())
+}
+
+/// Connection churn through the gateway; with history on, what the store did meanwhile.
+fn churn(
+    who: Contender,
+    topo: &Topology,
+    me: &Path,
+    d: &Durations,
+    pid: Option<u32>,
+    samples: &mut Samples,
+) -> Result<()> {
+    let echo = format!("{}:{ECHO_PORT}", topo.server_ip());
+    let before = (who == Contender::TpacctEbpf)
+        .then(|| history::store_counts(topo))
+        .transpose()?;
+    let writer_before = pid.and_then(|p| thread_cpu_seconds(p, "tpacct-store"));
+    let started = Instant::now();
+    let rate = client(topo, me, &["churn", &echo, &d.churn.as_secs().to_string()])?;
+    samples.add("churn", who, rate[0]);
+    if let Some((written, _, dropped)) = before {
+        let (now, pending, dropped_now) = history::store_counts(topo)?;
+        samples.add(
+            "store_rate",
+            who,
+            (now - written) / started.elapsed().as_secs_f64(),
+        );
+        samples.add("store_left", who, pending);
+        samples.add("store_dropped", who, dropped_now - dropped);
+        if let (Some(a), Some(b)) = (
+            writer_before,
+            pid.and_then(|p| thread_cpu_seconds(p, "tpacct-store")),
+        ) {
+            samples.add("store_cpu", who, (b - a) / started.elapsed().as_secs_f64());
+        }
+    }
     Ok(())
 }
 
