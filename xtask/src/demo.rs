@@ -24,7 +24,6 @@ const NET: u8 = 92;
 const SERVER_IP: &str = "10.92.2.2";
 const TLS_NAME: &str = "demo.tpacct.test";
 const HTTP_BODY: usize = 100_000;
-const UDP_SIZES: [usize; 3] = [100, 200, 300];
 
 const CONFIG: &str = "\
 # tpacct demo gateway: capture everything arriving from the client namespace. No `secret`:
@@ -35,6 +34,9 @@ routing-mark: 6666
 external-controller: 127.0.0.1:9090
 tproxy-firewall:
   interfaces: [gw-lan]
+# Names for the usage page and `tpacctd top` (by MAC or address).
+devices:
+  10.92.1.2: demo-client
 ";
 /// Where the host reaches the controller (forwarded into the gateway namespace).
 const HOST_API: &str = "127.0.0.1:9090";
@@ -122,6 +124,10 @@ pub fn run(daemon: &Path, rounds: Option<u32>) -> Result<()> {
     );
 
     let state = dir.join("state");
+    // A fresh history, so the usage page adds up to this run's clients (the secret stays).
+    for file in ["history.db", "history.db-wal", "history.db-shm"] {
+        let _ = std::fs::remove_file(state.join(file));
+    }
     let mut gateway = in_ns(&topo.gateway, daemon, &["run", "--config"])
         .arg(&config)
         .arg("-d")
@@ -142,14 +148,21 @@ pub fn run(daemon: &Path, rounds: Option<u32>) -> Result<()> {
         topo.client, topo.gateway, topo.server
     );
     eprintln!(
-        "demo: Clash API on http://{api} (from this host), secret {secret}\n\
+        "demo: usage page on http://{api}/ui/ (from this host's browser), secret {secret}\n\
+         demo: Clash API on http://{api}, the same secret\n\
          demo:   try: curl -H 'Authorization: Bearer {secret}' http://{api}/connections\n\
          demo:   or point a dashboard (metacubexd, zashboard, yacd) at http://{api} with that secret\n"
     );
     let mut round = 0;
+    let mut total = Moved::default();
     while rounds.is_none_or(|n| round < n) && !stop.load(Ordering::SeqCst) {
         round += 1;
-        traffic(&me, &topo.client)?;
+        total += traffic(&me, &topo.client)?;
+        eprintln!(
+            "demo: so far {} flows, up {} B, down {} B: the usage page (http://{api}/ui/, range \
+             \"Today\") says the same once the round's flows are in",
+            total.0, total.1, total.2
+        );
         // Let the closes reach the log before the next round or the end.
         std::thread::sleep(Duration::from_millis(500));
         if rounds.is_none() {
@@ -199,8 +212,20 @@ fn wait_for(lines: &mpsc::Receiver<String>, needle: &str, within: Duration) -> R
     }
 }
 
-/// One round of client traffic: HTTP and HTTPS with curl, UDP with our own client.
-fn traffic(me: &Path, client: &str) -> Result<()> {
+/// What the demo's clients moved: flows, bytes sent, bytes received (payload, as each client
+/// counted it at its own socket).
+#[derive(Debug, Default, Clone, Copy)]
+struct Moved(u64, u64, u64);
+
+impl std::ops::AddAssign for Moved {
+    fn add_assign(&mut self, o: Moved) {
+        *self = Moved(self.0 + o.0, self.1 + o.1, self.2 + o.2);
+    }
+}
+
+/// One round of client traffic: HTTP with curl, HTTPS with curl through a byte meter, UDP
+/// with our own client.
+fn traffic(me: &Path, client: &str) -> Result<Moved> {
     let curl = |args: &[&str]| -> Result<String> {
         let out = in_ns(client, Path::new("curl"), args)
             .output()
@@ -228,22 +253,28 @@ fn traffic(me: &Path, client: &str) -> Result<()> {
         header + body,
         header + body
     );
-    curl(&[
-        "-sk",
-        "-o",
-        "/dev/null",
-        "--resolve",
-        &format!("{TLS_NAME}:443:{SERVER_IP}"),
-        &format!("https://{TLS_NAME}/"),
-    ])?;
-    eprintln!(
-        "demo client | HTTPS {TLS_NAME} ({SERVER_IP}:443): done (TLS bytes counted by the gateway; SNI sniffed)"
-    );
-    let out = in_ns(client, me, &["demo-udp", &format!("{SERVER_IP}:5353")])
-        .output()
-        .context("UDP client")?;
-    eprint!("{}", String::from_utf8_lossy(&out.stderr));
-    Ok(())
+    let mut moved = Moved(1, sent, header + body);
+    for args in [
+        vec![
+            "demo-https".to_owned(),
+            format!("{SERVER_IP}:443"),
+            TLS_NAME.to_owned(),
+        ],
+        vec!["demo-udp".to_owned(), format!("{SERVER_IP}:5353")],
+    ] {
+        let kind = &args[0];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = in_ns(client, me, &args)
+            .output()
+            .with_context(|| format!("{kind} client"))?;
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            bail!("the {kind} client failed");
+        }
+        let [flows, up, down] = parse3(&String::from_utf8_lossy(&out.stdout));
+        moved += Moved(flows, up, down);
+    }
+    Ok(moved)
 }
 
 fn parse3(text: &str) -> [u64; 3] {
@@ -286,27 +317,4 @@ pub fn serve(kind: &str, addr: &str) -> Result<()> {
         }
         other => bail!("unknown demo server {other}"),
     }
-}
-
-/// `demo-udp ADDR`, run inside the client namespace: a few datagrams, each echoed.
-pub fn udp_client(addr: &str) -> Result<()> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
-    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut buf = vec![0u8; 65_536];
-    let (mut sent, mut got) = (0, 0);
-    for size in UDP_SIZES {
-        socket.send_to(&vec![b'u'; size], addr)?;
-        let (n, from) = socket.recv_from(&mut buf)?;
-        if from.to_string() != addr {
-            bail!("reply came from {from}, not {addr}");
-        }
-        sent += size;
-        got += n;
-    }
-    eprintln!(
-        "demo client | UDP   {addr}: sent {sent} B, received {got} B in {} datagrams each way \
-         (one session; its line appears when it closes)",
-        UDP_SIZES.len()
-    );
-    Ok(())
 }

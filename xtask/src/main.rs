@@ -3,6 +3,7 @@
 
 mod bench;
 mod demo;
+mod demo_client;
 mod forward;
 mod install;
 mod netns;
@@ -87,6 +88,9 @@ enum Command {
     /// Demo UDP client inside the client namespace.
     #[command(hide = true)]
     DemoUdp { addr: String },
+    /// Demo HTTPS client (curl through a byte meter) inside the client namespace.
+    #[command(hide = true)]
+    DemoHttps { addr: String, name: String },
 }
 
 fn main() -> Result<()> {
@@ -158,7 +162,8 @@ fn main() -> Result<()> {
         Command::BenchSink { addr } => bench::sink(&addr),
         Command::BenchClient { kind, addr, arg } => bench::client_main(&kind, &addr, &arg),
         Command::DemoServe { kind, addr } => demo::serve(&kind, &addr),
-        Command::DemoUdp { addr } => demo::udp_client(&addr),
+        Command::DemoUdp { addr } => demo_client::udp(&addr),
+        Command::DemoHttps { addr, name } => demo_client::https(&addr, &name),
     }
 }
 

@@ -21,10 +21,17 @@ const PACKAGES: &[&str] = &[
     "dante-server",
     "microsocks",
     "tinyproxy",
+    // The usage page's test runs it headless.
+    "chromium",
 ];
-/// PyPI packages the tests drive (pinned): an HTTPS proxy, and the Prometheus client whose
-/// text parser reads /metrics.
-const PYPI: &[(&str, &str)] = &[("pproxy", "2.7.9"), ("prometheus-client", "0.26.0")];
+/// PyPI packages the tests drive (pinned): an HTTPS proxy, the Prometheus client whose
+/// text parser reads /metrics, and Playwright.
+const PYPI: &[(&str, &str)] = &[
+    ("pproxy", "2.7.9"),
+    ("prometheus-client", "0.26.0"),
+    // Drives Debian's chromium in the usage page's test (its own browsers are not fetched).
+    ("playwright", "1.65.2"),
+];
 const COMPONENTS: &[&str] = &["rust-src", "rustfmt", "clippy"];
 const LLVM: &str = "/usr/lib/llvm-22";
 /// The bpf-linker release verified with aya 0.14 and LLVM 22.

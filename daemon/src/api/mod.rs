@@ -14,6 +14,7 @@ mod queries;
 mod server;
 mod stats;
 mod streams;
+pub mod ui;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -192,6 +193,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require))
         // Liveness without credentials, as the seed system's agents probe it.
         .route("/api/v1/health", get(stats::health))
+        // The usage page and the dashboard's files; their data calls carry the secret.
+        .merge(ui::routes())
         .with_state(state.clone());
     api.layer(middleware::from_fn(limit_body))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))

@@ -111,6 +111,12 @@ pub struct Config {
     pub secret: Option<String>,
     /// mihomo's `external-controller-cors`.
     pub external_controller_cors: Cors,
+    /// mihomo's `external-ui`: a dashboard's static build (relative to the state directory),
+    /// served at `/ui/<external-ui-name>/`.
+    pub external_ui: Option<PathBuf>,
+    /// mihomo's `external-ui-name`: the dashboard's folder inside `external-ui`, and its name
+    /// in the URL (`dashboard` when unset; the folder is then `external-ui` itself).
+    pub external_ui_name: Option<String>,
     /// tpacct's: `/metrics` alone on its own address, without the secret (for a Prometheus
     /// that scrapes locally); off unless given. `/metrics` on the controller is always there.
     pub metrics_address: Option<std::net::SocketAddr>,
@@ -245,6 +251,8 @@ impl Default for Config {
             external_controller: "127.0.0.1:9090".to_owned(),
             secret: None,
             external_controller_cors: Cors::default(),
+            external_ui: None,
+            external_ui_name: None,
             metrics_address: None,
             mode: Mode::default(),
             proxies: Vec::new(),
@@ -506,7 +514,36 @@ impl Config {
                 ),
             ));
         }
+        if let Some(name) = &self.external_ui_name
+            && (name.is_empty()
+                || name == "."
+                || name == ".."
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                || ["usage.js", "usage.css"].contains(&name.as_str()))
+        {
+            return Err(invalid(
+                "external-ui-name",
+                format!("`{name}` is not a folder name of letters, digits, `.`, `_` and `-`"),
+            ));
+        }
         Ok(())
+    }
+
+    /// The dashboard's folder (`external-ui`, then `external-ui-name` inside it) and the name
+    /// it is served under, when one is configured.
+    pub fn external_ui(&self, state_dir: &Path) -> Option<(PathBuf, &str)> {
+        let base = self.external_ui.as_ref()?;
+        let base = if base.is_absolute() {
+            base.clone()
+        } else {
+            state_dir.join(base)
+        };
+        Some(match &self.external_ui_name {
+            Some(name) => (base.join(name), name.as_str()),
+            None => (base, "dashboard"),
+        })
     }
 }
 

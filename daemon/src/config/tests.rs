@@ -308,3 +308,24 @@ fn sizes_take_units_and_bad_ones_name_the_key() {
         );
     }
 }
+
+#[test]
+fn external_ui_follows_mihomo() {
+    let c = Config::parse("external-ui: ui\nexternal-ui-name: xd\n", "test.yaml").expect("parse");
+    let state = PathBuf::from("/var/lib/tpacct");
+    assert_eq!(
+        c.external_ui(&state),
+        Some((PathBuf::from("/var/lib/tpacct/ui/xd"), "xd"))
+    );
+    let c = Config::parse("external-ui: /opt/yacd\n", "test.yaml").expect("parse");
+    assert_eq!(
+        c.external_ui(&state),
+        Some((PathBuf::from("/opt/yacd"), "dashboard"))
+    );
+    assert_eq!(Config::default().external_ui(&state), None);
+    for bad in ["..", "a/b", "", "usage.js", "x y"] {
+        let e = invalid(&format!("external-ui: ui\nexternal-ui-name: '{bad}'\n"));
+        assert_eq!(e.key(), Some("external-ui-name"), "{bad}: {e}");
+        assert_eq!(e.line(), Some(2), "{bad}: {e}");
+    }
+}

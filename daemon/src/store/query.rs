@@ -24,16 +24,15 @@ pub struct Query {
 }
 
 /// Group-by keys: the request's name, the response's key, the SQL expression.
+/// A flow's name: its host, else its sniffed host, else its destination address.
+const HOST: &str = "COALESCE(NULLIF(host, ''), NULLIF(sniff_host, ''), destination_ip)";
+
 pub const GROUPS: &[(&str, &str, &str)] = &[
     ("network", "network", "network"),
     ("rule", "rule", "rule"),
     ("process", "process", "process"),
     ("destination", "destination", "destination_ip"),
-    (
-        "host",
-        "host",
-        "COALESCE(NULLIF(host, ''), NULLIF(sniff_host, ''), destination_ip)",
-    ),
+    ("host", "host", HOST),
     ("chains", "node", "outbound"),
     ("source", "source", "source_ip"),
     ("device", "device", "device"),
@@ -173,6 +172,10 @@ fn source(q: &Query, rollups: Option<(i64, &Level)>) -> (String, Vec<Box<dyn ToS
     for (column, value) in &q.filters {
         if *column == "network" {
             conds.push(format!("{column} = lower(?)"));
+        } else if *column == "host" {
+            // The name a flow is grouped under by `group_by=host`, so a group's key filters
+            // to exactly that group.
+            conds.push(format!("{HOST} = ?"));
         } else {
             conds.push(format!("{column} = ?"));
         }

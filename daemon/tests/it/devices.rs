@@ -16,9 +16,9 @@ use crate::common::{
 };
 
 /// The client's MAC on its link to the gateway.
-fn client_mac(topo: &Topology) -> String {
+pub(crate) fn client_mac(topo: &Topology, link: &str) -> String {
     let out = Command::new("ip")
-        .args(["-n", &topo.client.name, "-j", "link", "show", "c0"])
+        .args(["-n", &topo.client.name, "-j", "link", "show", link])
         .output()
         .expect("ip link");
     let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
@@ -26,7 +26,12 @@ fn client_mac(topo: &Topology) -> String {
 }
 
 /// `GET /<n>` from `from` to `to`; (bytes sent, bytes received).
-fn fetch_from(topo: &Topology, from: SocketAddr, to: SocketAddr, n: usize) -> (u64, u64) {
+pub(crate) fn fetch_from(
+    topo: &Topology,
+    from: SocketAddr,
+    to: SocketAddr,
+    n: usize,
+) -> (u64, u64) {
     Topology::run_in(&topo.client, move || {
         let socket = socket2::Socket::new(
             socket2::Domain::for_address(to),
@@ -37,7 +42,7 @@ fn fetch_from(topo: &Topology, from: SocketAddr, to: SocketAddr, n: usize) -> (u
         socket.bind(&from.into()).expect("bind the source");
         socket.connect(&to.into()).expect("connect");
         let mut conn: TcpStream = socket.into();
-        let request = format!("GET /{n} HTTP/1.1\r\nHost: dev\r\n\r\n");
+        let request = format!("GET /{n} HTTP/1.1\r\nHost: dev{n}.test\r\n\r\n");
         conn.write_all(request.as_bytes()).expect("request");
         let mut reply = Vec::new();
         conn.read_to_end(&mut reply).expect("reply");
@@ -55,7 +60,7 @@ fn one_device_across_addresses_named_by_its_lease() {
         move |c| c.dhcp_leases = Some(lease_path),
         |topo| {
             // dnsmasq's lease for the client, there before the gateway starts.
-            let mac = client_mac(topo);
+            let mac = client_mac(topo, "c0");
             std::fs::write(
                 &leases,
                 format!("1900000000 {mac} {CLIENT4} kitchen-laptop 01:{mac}\n"),

@@ -40,6 +40,7 @@ mod tproxy_tcp;
 mod tproxy_udp;
 mod tproxy_udp_scale;
 mod udp_totals;
+mod ui;
 
 fn main() {
     let trials = [
@@ -79,6 +80,7 @@ fn main() {
         tproxy_udp::tests(),
         tproxy_udp_scale::tests(),
         udp_totals::tests(),
+        ui::tests(),
     ]
     .into_iter()
     .flatten()
