@@ -4,7 +4,7 @@
 //! error reaches the console. Screenshots go to `target/ui-screenshots/`. And `external-ui`:
 //! a dashboard folder's files with their content types, nothing from outside it.
 
-use std::{path::PathBuf, process::Command};
+use std::{io::Write, path::PathBuf, process::Command};
 
 use tpacct::config::AccountingMode;
 
@@ -111,11 +111,25 @@ fn the_usage_page_shows_exact_totals_and_narrows_to_a_device() {
                 40_000,
             )];
             crate::history::wait_committed(gw, 3);
+            // And one still open: a range that ends now counts it to the byte.
+            let held = Topology::run_in(&topo.client, || {
+                let mut conn = std::net::TcpStream::connect(socket(SERVER4, 80)).expect("connect");
+                conn.write_all(b"GET /held").expect("write");
+                conn
+            });
+            gw.wait_until(10, "the held flow's bytes", |r| {
+                r.live().iter().any(|f| f.traffic.upload == 9)
+            });
             let sum = |moved: &[(u64, u64)]| {
                 let (up, down) = moved.iter().fold((0, 0), |(u, d), (a, b)| (u + a, d + b));
                 serde_json::json!({"count": moved.len(), "total": up + down, "download": down, "upload": up})
             };
-            let all: Vec<(u64, u64)> = first.iter().chain(&second).copied().collect();
+            let all: Vec<(u64, u64)> = first
+                .iter()
+                .chain(&second)
+                .chain(&[(9, 0)])
+                .copied()
+                .collect();
             let mac = client_mac(topo, "c0");
             let out = Command::new("ip")
                 .args(["netns", "exec", &topo.gateway.name, "python3"])
@@ -156,11 +170,11 @@ fn the_usage_page_shows_exact_totals_and_narrows_to_a_device() {
             );
             assert_eq!(
                 steps["bars_host"],
-                serde_json::json!(["dev250000.test", "dev40000.test", "dev1000.test"]),
+                // The held flow has sent no whole request yet: no name, its address.
+                serde_json::json!(["dev250000.test", "dev40000.test", "dev1000.test", SERVER4]),
                 "{page}"
             );
             assert_eq!(steps["series_interval"], "minute");
-            assert!(steps["minute_points"].as_u64() >= Some(1), "{page}");
             let flows: u64 = steps["series_flows"]
                 .as_array()
                 .expect("bars")
@@ -168,7 +182,12 @@ fn the_usage_page_shows_exact_totals_and_narrows_to_a_device() {
                 .filter_map(|t| t.as_str()?.split(": ").nth(1)?.strip_suffix(" flows"))
                 .map(|n| n.parse::<u64>().expect("a count"))
                 .sum();
-            assert_eq!(flows, 3, "{page}");
+            assert_eq!(flows, 4, "{page}");
+            assert!(
+                steps["minute_points"].as_u64() > steps["hour_points"].as_u64(),
+                "every minute of the hour against every hour of the day: {page}"
+            );
+            drop(held);
             assert_eq!(steps["filtered_cards"], sum(&second), "{page}");
             assert_eq!(steps["chips"], serde_json::json!(["device"]));
             assert_eq!(
