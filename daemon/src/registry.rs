@@ -13,7 +13,7 @@ use std::{
 use dashmap::DashMap;
 use uuid::Uuid;
 
-use crate::accounting::{Accounting, Tracked};
+use crate::accounting::{Accounting, Observed, Tracked};
 pub use crate::flow::{ClosedFlow, Flow, FlowMeta, Leg, LiveFlow, Network, Traffic};
 
 /// Bytes by (outbound, rule type): (upload, download).
@@ -120,20 +120,23 @@ impl Registry {
     /// Bytes of closed flows by (outbound, rule type) as (upload, download), and the live
     /// flows, read in one step (no flow in both or neither).
     pub fn closed_by_route_and_live(&self) -> (ClosedByRoute, Vec<LiveFlow>) {
+        // The kernel's counters are read before the lock: no system call under it.
+        let seen = self.accounting.observe(self.live.len());
         let _moving = self.moving.read().unwrap_or_else(|p| p.into_inner());
         let closed = self
             .closed_by_route
             .iter()
             .map(|e| (e.key().clone(), *e.value()))
             .collect();
-        (closed, self.live())
+        (closed, self.live_in(seen.as_ref()))
     }
 
     /// The closed flows still in the ring (newest first) and the live flows, read in one step:
     /// no flow is in both or in neither.
     pub fn recent_and_live(&self) -> (Vec<ClosedFlow>, Vec<LiveFlow>) {
+        let seen = self.accounting.observe(self.live.len());
         let _moving = self.moving.read().unwrap_or_else(|p| p.into_inner());
-        (self.closed(usize::MAX), self.live())
+        (self.closed(usize::MAX), self.live_in(seen.as_ref()))
     }
 
     /// The flow's counters now.
@@ -262,12 +265,17 @@ impl Registry {
         self.live.get(id).map(|f| f.clone())
     }
 
-    /// Every live flow with its counters.
+    /// Every live flow with its counters (the kernel's read in one batch).
     pub fn live(&self) -> Vec<LiveFlow> {
+        self.live_in(self.accounting.observe(self.live.len()).as_ref())
+    }
+
+    /// Every live flow with its counters as `seen` has them.
+    fn live_in(&self, seen: Option<&Observed>) -> Vec<LiveFlow> {
         self.live
             .iter()
             .map(|f| LiveFlow {
-                traffic: self.traffic(&f),
+                traffic: f.orient(self.accounting.live_in(seen, &f.tracked)),
                 flow: f.clone(),
             })
             .collect()
@@ -291,8 +299,9 @@ impl Registry {
     /// The live flows and the totals, read consistently (no flow counted twice or missed
     /// while it moves to the closed ring).
     pub fn live_and_totals(&self) -> (Vec<LiveFlow>, Traffic) {
+        let seen = self.accounting.observe(self.live.len());
         let _moving = self.moving.read().unwrap_or_else(|p| p.into_inner());
-        let live = self.live();
+        let live = self.live_in(seen.as_ref());
         let sum = live.iter().fold(Traffic::default(), |t, f| Traffic {
             upload: t.upload + f.traffic.upload,
             download: t.download + f.traffic.download,

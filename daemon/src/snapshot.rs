@@ -196,6 +196,11 @@ pub fn closed(flow: &ClosedFlow) -> Closed {
 /// `GET /connections` now.
 pub fn snapshot(registry: &Registry, speeds: &Speeds) -> Snapshot {
     let (live, totals) = registry.live_and_totals();
+    of(&live, totals, speeds)
+}
+
+/// `/connections` from the live flows and totals read in one step.
+pub fn of(live: &[crate::registry::LiveFlow], totals: Traffic, speeds: &Speeds) -> Snapshot {
     Snapshot {
         download_total: totals.download,
         upload_total: totals.upload,

@@ -5,6 +5,7 @@
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
+use axum::extract::ws::Utf8Bytes;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +58,9 @@ pub fn advance(prev: &Samples, live: impl Iterator<Item = (Uuid, Traffic)>) -> S
 pub struct Rates {
     pub speeds: Arc<Speeds>,
     pub traffic: watch::Receiver<TrafficTick>,
+    /// `/connections` as JSON, serialized once per tick while someone subscribes (the
+    /// WebSockets at the default interval): every client sends the same bytes.
+    pub connections: Arc<watch::Sender<Utf8Bytes>>,
 }
 
 /// Samples `registry` once a second until `cancel`.
@@ -71,9 +75,11 @@ pub fn start(
         down_total: initial.download,
         ..TrafficTick::default()
     });
+    let connections = Arc::new(watch::Sender::new(Utf8Bytes::default()));
     let rates = Rates {
         speeds: speeds.clone(),
         traffic: rx,
+        connections: connections.clone(),
     };
     let task = async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -91,6 +97,10 @@ pub fn start(
                 live.iter().map(|f| (f.flow.id, f.traffic)),
             );
             speeds.flows.store(Arc::new(next));
+            if connections.receiver_count() > 0 {
+                let frame = crate::snapshot::of(&live, totals, &speeds);
+                connections.send_replace(serde_json::to_string(&frame).unwrap_or_default().into());
+            }
             let _ = tx.send(TrafficTick {
                 up: totals.upload.saturating_sub(last.upload),
                 down: totals.download.saturating_sub(last.download),

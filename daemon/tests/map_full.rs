@@ -84,7 +84,14 @@ fn overflow(topo: &Topology, gw: &Gateway) {
     for _ in 0..FLOWS {
         opened_rx.recv().expect("opened");
     }
-    gw.wait_until(5, "every flow to register", |r| r.live_count() == FLOWS);
+    gw.wait_until(5, "every flow to register", |r| {
+        let (live, closed) = (r.live_count(), r.closed(FLOWS).len());
+        assert_eq!(
+            closed, 0,
+            "a flow closed before the transfers began ({live} live)"
+        );
+        live == FLOWS
+    });
     let mut sizes = Vec::new();
     for c in clients {
         let (mut conn, up) = c.join().expect("client");

@@ -44,13 +44,21 @@ enum Command {
     Bench {
         #[arg(long)]
         quick: bool,
-        /// Only these contenders, connection churn only, no routing or history benches
-        /// (e.g. `--only ebpf,ebpf-no-history --rounds 8` for an A/B of one change).
+        /// Only these contenders, and no routing or history benches (e.g. `--only
+        /// ebpf,ebpf-no-history --rounds 8 --churn-only` for an A/B of one change); the figures
+        /// go to the terminal, not the report.
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
         /// Rounds instead of the default (3, or 1 with `--quick`).
         #[arg(long)]
         rounds: Option<usize>,
+        /// Connection churn alone.
+        #[arg(long)]
+        churn_only: bool,
+        /// Record `perf` on tpacctd (eBPF) during the single stream and the churn, and put
+        /// its top symbols in the report.
+        #[arg(long)]
+        profile: bool,
     },
     /// Setup, build, then put the binary, the systemd unit, the default config (unless one is
     /// there) and the README in place under ROOT (default /).
@@ -136,6 +144,8 @@ fn main() -> Result<()> {
             quick,
             only,
             rounds,
+            churn_only,
+            profile,
         } => {
             setup::ensure()?;
             build()?;
@@ -149,6 +159,8 @@ fn main() -> Result<()> {
                     quick,
                     only,
                     rounds,
+                    churn_only,
+                    profile,
                 },
             )
         }

@@ -23,6 +23,8 @@ const PACKAGES: &[&str] = &[
     "tinyproxy",
     // The usage page's test runs it headless.
     "chromium",
+    // `cargo xtask bench --profile`.
+    "linux-perf",
 ];
 /// PyPI packages the tests drive (pinned): an HTTPS proxy, the Prometheus client whose
 /// text parser reads /metrics, and Playwright.

@@ -17,7 +17,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tpacct_common::{CLOSE_RING, SELF_TGID, STATS_MAP, Stat, TCP_MAP, TcpSock, UDP_MAP, UdpSock};
 
 use super::{
-    Counters, Error, Proto,
+    Counters, Error, Observed, Proto,
     closes::{self, Slots, Wait},
     procs::ProcMaps,
 };
@@ -48,8 +48,13 @@ pub struct KernelStats {
     pub closes_recovered: u64,
 }
 
+/// How old the entry counts of the last whole-map read may be for `/metrics`.
+const COUNTS_FRESH: Duration = Duration::from_secs(2);
+
 /// The loaded, attached programs and their maps.
 pub(super) struct Kernel {
+    /// When the maps were last read whole, and their entries then (TCP, UDP).
+    counted: std::sync::Mutex<Option<(std::time::Instant, usize, usize)>>,
     tcp: HashMap<MapData, u64, TcpSock>,
     udp: HashMap<MapData, u64, UdpSock>,
     stats: PerCpuArray<MapData, u64>,
@@ -160,6 +165,7 @@ impl Kernel {
             tracker,
         )?;
         Ok(Kernel {
+            counted: std::sync::Mutex::new(None),
             tcp,
             udp,
             stats,
@@ -196,6 +202,40 @@ impl Kernel {
                 .ok()
                 .map(|e| Counters { rx: e.rx, tx: e.tx }),
         }
+    }
+
+    /// Every socket's counters in both maps, a few system calls in all; None when the kernel
+    /// refuses batch reads (each flow is then read on its own).
+    pub(super) fn observe(&self) -> Option<Observed> {
+        let tcp = super::batch::read_all::<u64, TcpSock>(self.tcp.map().fd().as_fd());
+        let udp = super::batch::read_all::<u64, UdpSock>(self.udp.map().fd().as_fd());
+        match (tcp, udp) {
+            (Ok(tcp), Ok(udp)) => {
+                *self.counted.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((std::time::Instant::now(), tcp.len(), udp.len()));
+                Some(Observed(
+                    tcp.into_iter()
+                        .map(|(k, e)| (k, Counters { rx: e.rx, tx: e.tx }))
+                        .chain(
+                            udp.into_iter()
+                                .map(|(k, e)| (k, Counters { rx: e.rx, tx: e.tx })),
+                        )
+                        .collect(),
+                ))
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::debug!("accounting: batch map read: {e}");
+                None
+            }
+        }
+    }
+
+    /// The counters of `cookie` in `seen`, else as [`Kernel::live`] reads them.
+    pub(super) fn live_in(&self, seen: &Observed, cookie: u64, proto: Proto) -> Option<Counters> {
+        seen.0
+            .get(&cookie)
+            .copied()
+            .or_else(|| self.live(cookie, proto))
     }
 
     /// Counters from the map, or the final totals if the socket has closed; None if the
@@ -240,9 +280,16 @@ impl Kernel {
                 .map(|per_cpu| per_cpu.iter().sum::<u64>())
                 .unwrap_or(0)
         };
+        // The last whole-map read's counts when it is recent (the sampler makes one every
+        // second), else walk the keys (one system call per entry).
+        let counted = *self.counted.lock().unwrap_or_else(|p| p.into_inner());
+        let (tcp_entries, udp_entries) = match counted {
+            Some((at, tcp, udp)) if at.elapsed() < COUNTS_FRESH => (tcp, udp),
+            _ => (self.tcp.keys().count(), self.udp.keys().count()),
+        };
         KernelStats {
-            tcp_entries: self.tcp.keys().count(),
-            udp_entries: self.udp.keys().count(),
+            tcp_entries,
+            udp_entries,
             tcp_map_full: stat(Stat::TcpMapFull),
             udp_map_full: stat(Stat::UdpMapFull),
             close_ring_full: stat(Stat::CloseRingFull),

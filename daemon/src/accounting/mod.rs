@@ -2,6 +2,7 @@
 //! (counters in kernel maps by socket cookie, final totals at close) and user space (the relay
 //! reports what it moved through a [`Meter`]). The backend is picked at start and reported.
 
+mod batch;
 mod closes;
 mod ebpf;
 mod procs;
@@ -93,6 +94,14 @@ pub struct Counters {
     /// Sent (for TCP under eBPF: sent and acknowledged by the peer).
     pub tx: u64,
 }
+
+/// From how many flows a reader takes the kernel's counters in one batch read rather than one
+/// lookup per socket (about 2 µs each).
+pub const BATCH_FROM: usize = 1024;
+
+/// Every kernel-counted socket's counters, read at one moment in a few system calls.
+#[derive(Debug, Default)]
+pub struct Observed(std::collections::HashMap<u64, Counters>);
 
 /// Transport of a tracked socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,10 +299,29 @@ impl Accounting {
         }
     }
 
+    /// Every kernel-counted socket's counters now, for reading `flows` flows at once: worth
+    /// it from [`BATCH_FROM`] flows (a batch read walks every bucket of the maps, a few
+    /// milliseconds whatever they hold). eBPF only; None also when the kernel cannot read
+    /// its maps in batches.
+    pub fn observe(&self, flows: usize) -> Option<Observed> {
+        match &self.backend {
+            Backend::Ebpf(k) if flows >= BATCH_FROM => k.observe(),
+            _ => None,
+        }
+    }
+
     /// The socket's counters now.
     pub fn live(&self, t: &Tracked) -> Counters {
-        let now = match &self.backend {
-            Backend::Ebpf(k) if t.in_kernel => {
+        self.live_in(None, t)
+    }
+
+    /// The socket's counters as `seen` has them (read at once for many flows), else now.
+    pub fn live_in(&self, seen: Option<&Observed>, t: &Tracked) -> Counters {
+        let now = match (&self.backend, seen) {
+            (Backend::Ebpf(k), Some(seen)) if t.in_kernel => k
+                .live_in(seen, t.cookie, t.proto)
+                .unwrap_or_else(|| t.meter.read()),
+            (Backend::Ebpf(k), None) if t.in_kernel => {
                 k.live(t.cookie, t.proto).unwrap_or_else(|| t.meter.read())
             }
             _ => t.meter.read(),

@@ -5,10 +5,11 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json,
-    extract::{Path, Query, State},
+    extract::{Path, Query, State, ws::Utf8Bytes},
     http::StatusCode,
     response::{IntoResponse, Response},
 };
+use futures_util::{StreamExt, stream};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -20,6 +21,8 @@ use crate::snapshot;
 
 /// WebSocket pushes no faster than this.
 const MIN_INTERVAL_MS: u64 = 100;
+/// The sampler's period: WebSockets at this interval share its frames.
+const SAMPLED_MS: u64 = 1000;
 
 /// An optional numeric query value: `default` when absent or empty, a 400 naming `key` when
 /// it is not a `what`.
@@ -53,11 +56,26 @@ pub(super) async fn list(
         return Ok(Json(snapshot::snapshot(&state.registry, &state.rates.speeds)).into_response());
     };
     let source = state.clone();
-    let frames = streams::every(Duration::from_millis(interval), move || {
+    let now = move || -> Utf8Bytes {
         serde_json::to_string(&snapshot::snapshot(&source.registry, &source.rates.speeds))
             .unwrap_or_default()
+            .into()
+    };
+    if interval != SAMPLED_MS {
+        // Its own pace: its own reads (each a batch read of the kernel's maps, no lock the
+        // relay takes).
+        let frames = streams::every(Duration::from_millis(interval), now);
+        return Ok(streams::websocket(&state, ws, frames));
+    }
+    // The sampler's pace: one frame now, then the sampler's, serialized once for everyone.
+    let shared = state.rates.connections.subscribe();
+    let first = stream::once(std::future::ready(now()));
+    let rest = stream::unfold(shared, |mut rx| async move {
+        rx.changed().await.ok()?;
+        let frame = rx.borrow_and_update().clone();
+        Some((frame, rx))
     });
-    Ok(streams::websocket(&state, ws, frames))
+    Ok(streams::websocket(&state, ws, first.chain(rest)))
 }
 
 #[derive(Debug, Deserialize)]

@@ -5,7 +5,10 @@ use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use axum::{
     body::Body,
-    extract::{FromRequestParts, Query, State, WebSocketUpgrade, ws::Message},
+    extract::{
+        FromRequestParts, Query, State, WebSocketUpgrade,
+        ws::{Message, Utf8Bytes},
+    },
     http::{StatusCode, header, request::Parts},
     response::{IntoResponse, Response},
 };
@@ -39,10 +42,10 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// the same time: a Close is answered with a Close and ends the stream, a Ping is answered with
 /// a Pong, and a client that stops reading for [`SEND_TIMEOUT`] is dropped. At most
 /// [`super::MAX_WEBSOCKETS`] are open at once (503 beyond).
-pub(super) fn websocket(
+pub(super) fn websocket<T: Into<Utf8Bytes> + Send + 'static>(
     state: &ApiState,
     ws: WebSocketUpgrade,
-    frames: impl Stream<Item = String> + Send + 'static,
+    frames: impl Stream<Item = T> + Send + 'static,
 ) -> Response {
     let Ok(permit) = state.websockets.clone().try_acquire_owned() else {
         return ApiError(
@@ -103,10 +106,10 @@ fn respond(
 }
 
 /// `make()` at once, then every `period`.
-pub(super) fn every(
+pub(super) fn every<T: Send + 'static>(
     period: Duration,
-    make: impl Fn() -> String + Send + 'static,
-) -> impl Stream<Item = String> + Send + 'static {
+    make: impl Fn() -> T + Send + 'static,
+) -> impl Stream<Item = T> + Send + 'static {
     stream::unfold(
         (None::<tokio::time::Interval>, make),
         move |(tick, make)| async move {

@@ -226,6 +226,64 @@ fn websocket_connections_honour_the_interval() {
     );
 }
 
+/// Two clients at the default interval, the second 400 ms after the first: after its first
+/// frame (sent at once), each gets the sampler's frames, the same bytes at the same moments.
+fn websockets_at_the_default_interval_share_the_samplers_frames() {
+    with_gateway(
+        "api_ws_shared",
+        AccountingMode::Ebpf,
+        |_| {},
+        |topo, _gw| {
+            let url = format!("ws://{API}/connections");
+            let (a, b) = block_on_in(&topo.gateway, async move {
+                let collect = |url: String, delay: Duration| async move {
+                    tokio::time::sleep(delay).await;
+                    let (mut ws, _) = tokio_tungstenite::connect_async(url)
+                        .await
+                        .expect("websocket");
+                    let mut got = Vec::new();
+                    while got.len() < 4 {
+                        let Ok(Some(Ok(msg))) =
+                            tokio::time::timeout(Duration::from_secs(5), ws.next()).await
+                        else {
+                            break;
+                        };
+                        got.push((Instant::now(), msg.to_text().expect("text").to_owned()));
+                    }
+                    got
+                };
+                tokio::join!(
+                    collect(url.clone(), Duration::ZERO),
+                    collect(url, Duration::from_millis(400))
+                )
+            });
+            assert_eq!((a.len(), b.len()), (4, 4), "frames");
+            for (at, text) in &b[1..] {
+                let (their_at, theirs) = a
+                    .iter()
+                    .min_by_key(|(t, _)| {
+                        if t > at {
+                            t.duration_since(*at)
+                        } else {
+                            at.duration_since(*t)
+                        }
+                    })
+                    .expect("frames");
+                let apart = if their_at > at {
+                    their_at.duration_since(*at)
+                } else {
+                    at.duration_since(*their_at)
+                };
+                assert!(
+                    apart < Duration::from_millis(100),
+                    "the second client's frame came {apart:?} from the first's nearest"
+                );
+                assert_eq!(text, theirs, "the same tick's frame, byte for byte");
+            }
+        },
+    );
+}
+
 fn traffic_deltas_add_up_to_the_bytes_moved() {
     with_gateway(
         "api_traffic",
@@ -357,6 +415,7 @@ fn global_mode_follows_the_selector_in_the_data_path() {
 crate::tests![
     root a_live_flow_is_listed_with_metadata_and_counters_then_closed_by_id,
     root websocket_connections_honour_the_interval,
+    root websockets_at_the_default_interval_share_the_samplers_frames,
     root traffic_deltas_add_up_to_the_bytes_moved,
     root global_mode_follows_the_selector_in_the_data_path,
 ];

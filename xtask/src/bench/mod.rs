@@ -23,6 +23,7 @@ use crate::netns::Topology;
 mod clients;
 mod contenders;
 mod history;
+mod profile;
 mod report;
 mod routing;
 
@@ -72,9 +73,13 @@ struct Durations {
 /// What `cargo xtask bench` runs.
 pub struct Options {
     pub quick: bool,
-    /// When not empty: only these contenders, and only connection churn.
+    /// When not empty: only these contenders, and no routing or history benches.
     pub only: Vec<Contender>,
     pub rounds: Option<usize>,
+    /// Only connection churn.
+    pub churn_only: bool,
+    /// `perf record` tpacctd (eBPF) during the single stream and the churn.
+    pub profile: bool,
 }
 
 impl Options {
@@ -83,6 +88,8 @@ impl Options {
             quick: true,
             only: Vec::new(),
             rounds: None,
+            churn_only: false,
+            profile: false,
         }
     }
 }
@@ -112,10 +119,11 @@ pub fn run(daemon: &Path, o: &Options) -> Result<()> {
         rounds: o.rounds.unwrap_or(d.rounds),
         ..d
     };
-    let churn_only = !o.only.is_empty();
+    let churn_only = o.churn_only;
+    let selected = |who: &Contender| o.only.is_empty() || o.only.contains(who);
     let out_dir = PathBuf::from("target/bench");
     std::fs::create_dir_all(&out_dir)?;
-    let (routing, queries) = if churn_only {
+    let (routing, queries) = if !o.only.is_empty() || churn_only {
         (Vec::new(), None)
     } else {
         eprintln!("bench: routing decisions (cargo bench --bench routing)");
@@ -164,13 +172,19 @@ pub fn run(daemon: &Path, o: &Options) -> Result<()> {
     let mut unavailable = BTreeMap::new();
     for round in 1..=d.rounds {
         for who in Contender::ALL {
-            if unavailable.contains_key(&who) || (churn_only && !o.only.contains(&who)) {
+            if unavailable.contains_key(&who) || !selected(&who) {
                 continue;
             }
             eprintln!("bench: round {round}/{}: {}", d.rounds, who.label());
             match start(who, &topo, daemon, &out_dir) {
                 Ok(gateway) => {
-                    match measure(who, &topo, &me, &d, (gateway.pid, churn_only), &mut samples) {
+                    let run = Run {
+                        pid: gateway.pid,
+                        churn_only,
+                        profile: (o.profile && who == Contender::TpacctEbpf)
+                            .then_some(out_dir.as_path()),
+                    };
+                    match measure(who, &topo, &me, &d, &run, &mut samples) {
                         Ok(()) => {}
                         Err(e) if who.is_tpacct() => return Err(e.context(who.label())),
                         Err(e) => {
@@ -192,12 +206,25 @@ pub fn run(daemon: &Path, o: &Options) -> Result<()> {
     drop(servers);
     drop(topo);
     let Some(queries) = queries else {
-        // An A/B of churn alone: figures on the terminal, the last full report left alone.
-        println!("{}", history::churn_markdown(&samples, &o.only));
+        // An A/B of chosen contenders: figures on the terminal, the last full report left
+        // alone.
+        if churn_only {
+            let who: Vec<Contender> = Contender::ALL.into_iter().filter(selected).collect();
+            println!("{}", history::churn_markdown(&samples, &who));
+        } else {
+            let mut md = report(&samples, &d, quick).0;
+            if o.profile {
+                md.push_str(&profile::markdown(&out_dir, &["single-stream", "churn"]));
+            }
+            println!("{md}");
+        }
         return Ok(());
     };
     let (mut markdown, mut json) = report(&samples, &d, quick);
     markdown.push_str(&routing::markdown(&routing));
+    if o.profile {
+        markdown.push_str(&profile::markdown(&out_dir, &["single-stream", "churn"]));
+    }
     markdown.push_str(&history::markdown(&queries, &samples));
     json.insert_str(
         json.find("  \"results\"").unwrap_or(0),
@@ -266,22 +293,35 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
+/// How one contender's round runs.
+struct Run<'a> {
+    pid: Option<u32>,
+    churn_only: bool,
+    /// Where to keep profiles, when this contender is profiled.
+    profile: Option<&'a Path>,
+}
+
 fn measure(
     who: Contender,
     topo: &Topology,
     me: &Path,
     d: &Durations,
-    (pid, churn_only): (Option<u32>, bool),
+    run: &Run<'_>,
     samples: &mut Samples,
 ) -> Result<()> {
+    let pid = run.pid;
     let server = topo.server_ip();
     let echo = format!("{server}:{ECHO_PORT}");
-    if who.setup_only() || churn_only {
-        churn(who, topo, me, d, pid, samples)?;
+    if who.setup_only() || run.churn_only {
+        churn(who, topo, me, d, run, samples)?;
         samples.add("rounds", who, 1.0);
         return Ok(());
     }
     for (key, streams) in [("tput1", 1), ("tput8", 8)] {
+        let recording = match (run.profile, pid, streams) {
+            (Some(dir), Some(pid), 1) => Some(profile::start(pid, dir, "single-stream")?),
+            _ => None,
+        };
         let cpu_before = pid.and_then(cpu_seconds);
         let out = Topology::exec(&topo.client, Path::new("iperf3"))
             .args(["-c", &server, "-p", &IPERF_PORT.to_string(), "-J"])
@@ -301,8 +341,11 @@ fn measure(
         {
             samples.add("cpu1", who, (after - before) / (bytes / 1e9));
         }
+        if let Some(r) = recording {
+            r.stop()?;
+        }
     }
-    churn(who, topo, me, d, pid, samples)?;
+    churn(who, topo, me, d, run, samples)?;
     let rr = client(topo, me, &["latency", &echo, &d.requests.to_string()])?;
     samples.add("rr_p50", who, rr[0]);
     samples.add("rr_p99", who, rr[1]);
@@ -352,16 +395,24 @@ fn churn(
     topo: &Topology,
     me: &Path,
     d: &Durations,
-    pid: Option<u32>,
+    run: &Run<'_>,
     samples: &mut Samples,
 ) -> Result<()> {
+    let pid = run.pid;
     let echo = format!("{}:{ECHO_PORT}", topo.server_ip());
+    let recording = match (run.profile, pid) {
+        (Some(dir), Some(pid)) => Some(profile::start(pid, dir, "churn")?),
+        _ => None,
+    };
     let before = (who == Contender::TpacctEbpf)
         .then(|| history::store_counts(topo))
         .transpose()?;
     let writer_before = pid.and_then(|p| thread_cpu_seconds(p, "tpacct-store"));
     let started = Instant::now();
     let rate = client(topo, me, &["churn", &echo, &d.churn.as_secs().to_string()])?;
+    if let Some(r) = recording {
+        r.stop()?;
+    }
     samples.add("churn", who, rate[0]);
     if let Some((written, _, dropped)) = before {
         let (now, pending, dropped_now) = history::store_counts(topo)?;
