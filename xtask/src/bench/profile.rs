@@ -71,7 +71,8 @@ impl Recording {
                 let dso = words.get(1).copied().unwrap_or("");
                 // After the `[k]`/`[.]` marker: the symbol, which may contain spaces.
                 let symbol = l
-                    .split_once("] ")
+                    .split_once(" [k] ")
+                    .or_else(|| l.split_once(" [.] "))
                     .map_or("", |(_, s)| s.trim())
                     .replace('|', "\\|");
                 format!("| {share} | {dso} | `{symbol}` |")
