@@ -12,29 +12,67 @@ use crate::{
     speed::Speeds,
 };
 
-/// `GET /connections`.
+/// `GET /connections`. Every text is borrowed or written straight into the output (numbers,
+/// addresses, ids and times through `Display`): serializing 10,000 flows allocates nothing per
+/// flow.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Snapshot {
+pub struct Snapshot<'a> {
     pub download_total: u64,
     pub upload_total: u64,
-    pub connections: Vec<Connection>,
+    pub connections: Vec<Connection<'a>>,
     pub memory: u64,
 }
+
+/// A value serialized as the string its `Display` writes, without an intermediate `String`.
+#[derive(Debug, Clone, Copy)]
+pub struct Text<T>(pub T);
+
+impl<T: std::fmt::Display> Serialize for Text<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+/// An optional value: its text, or the empty string.
+#[derive(Debug, Clone, Copy)]
+pub struct OrEmpty<T>(pub Option<T>);
+
+impl<T: std::fmt::Display> Serialize for OrEmpty<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_str(""),
+        }
+    }
+}
+
+/// `n` empty strings (mihomo's `providerChains` beside `chains`).
+#[derive(Debug, Clone, Copy)]
+pub struct Blanks(pub usize);
+
+impl Serialize for Blanks {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(std::iter::repeat_n("", self.0))
+    }
+}
+
+/// An empty list.
+const NONE: [&str; 0] = [];
 
 /// One live connection.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Connection {
-    pub id: String,
-    pub metadata: Metadata,
+pub struct Connection<'a> {
+    pub id: Text<uuid::Uuid>,
+    pub metadata: Metadata<'a>,
     pub upload: u64,
     pub download: u64,
-    pub start: String,
-    pub chains: Vec<String>,
-    pub provider_chains: Vec<String>,
-    pub rule: String,
-    pub rule_payload: String,
+    pub start: Text<humantime::Rfc3339Timestamp>,
+    pub chains: &'a [String],
+    pub provider_chains: Blanks,
+    pub rule: &'a str,
+    pub rule_payload: &'a str,
     /// Bytes per second over the last second (tpacct only).
     pub upload_speed: u64,
     pub download_speed: u64,
@@ -43,48 +81,48 @@ pub struct Connection {
 /// One closed connection (`GET /connections/closed`, tpacct only).
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Closed {
+pub struct Closed<'a> {
     #[serde(flatten)]
-    pub connection: Connection,
-    pub closed_at: String,
+    pub connection: Connection<'a>,
+    pub closed_at: Text<humantime::Rfc3339Timestamp>,
 }
 
 /// mihomo's connection metadata.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Metadata {
+pub struct Metadata<'a> {
     pub network: &'static str,
     #[serde(rename = "type")]
     pub kind: &'static str,
     #[serde(rename = "sourceIP")]
-    pub source_ip: String,
+    pub source_ip: Text<std::net::IpAddr>,
     #[serde(rename = "destinationIP")]
-    pub destination_ip: String,
+    pub destination_ip: OrEmpty<std::net::IpAddr>,
     #[serde(rename = "sourceGeoIP")]
-    pub source_geo_ip: Vec<String>,
+    pub source_geo_ip: [&'static str; 0],
     #[serde(rename = "destinationGeoIP")]
-    pub destination_geo_ip: Vec<String>,
+    pub destination_geo_ip: [&'static str; 0],
     #[serde(rename = "sourceIPASN")]
-    pub source_ip_asn: String,
+    pub source_ip_asn: &'static str,
     #[serde(rename = "destinationIPASN")]
-    pub destination_ip_asn: String,
-    pub source_port: String,
-    pub destination_port: String,
+    pub destination_ip_asn: &'static str,
+    pub source_port: Text<u16>,
+    pub destination_port: Text<u16>,
     #[serde(rename = "inboundIP")]
-    pub inbound_ip: String,
-    pub inbound_port: String,
-    pub inbound_name: String,
-    pub inbound_user: String,
-    pub host: String,
+    pub inbound_ip: Text<std::net::IpAddr>,
+    pub inbound_port: Text<u16>,
+    pub inbound_name: &'static str,
+    pub inbound_user: &'a str,
+    pub host: &'a str,
     pub dns_mode: &'static str,
     pub uid: u32,
-    pub process: String,
-    pub process_path: String,
-    pub special_proxy: String,
-    pub special_rules: String,
-    pub remote_destination: String,
+    pub process: &'a str,
+    pub process_path: &'a str,
+    pub special_proxy: &'static str,
+    pub special_rules: &'static str,
+    pub remote_destination: OrEmpty<std::net::IpAddr>,
     pub dscp: u8,
-    pub sniff_host: String,
+    pub sniff_host: &'a str,
 }
 
 /// RFC 3339 with nanoseconds, UTC, as mihomo writes times.
@@ -102,64 +140,63 @@ struct Seen<'a> {
     owner: Option<&'a crate::process::Owner>,
 }
 
-fn metadata(meta: &FlowMeta, seen: &Seen<'_>) -> Metadata {
+fn metadata<'a>(meta: &'a FlowMeta, seen: &Seen<'a>) -> Metadata<'a> {
     Metadata {
         network: meta.network.as_str(),
         kind: meta.inbound_type,
-        source_ip: meta.source.ip().to_string(),
-        destination_ip: meta
-            .destination_ip
-            .map(|ip| ip.to_string())
-            .unwrap_or_default(),
-        source_geo_ip: Vec::new(),
-        destination_geo_ip: Vec::new(),
-        source_ip_asn: String::new(),
-        destination_ip_asn: String::new(),
-        source_port: meta.source.port().to_string(),
-        destination_port: meta.destination_port.to_string(),
-        inbound_ip: meta.inbound.ip().to_string(),
-        inbound_port: meta.inbound.port().to_string(),
-        inbound_name: meta.inbound_name.to_owned(),
-        inbound_user: meta.inbound_user.clone().unwrap_or_default(),
-        host: seen.host.unwrap_or_default().to_owned(),
+        source_ip: Text(meta.source.ip()),
+        destination_ip: OrEmpty(meta.destination_ip),
+        source_geo_ip: NONE,
+        destination_geo_ip: NONE,
+        source_ip_asn: "",
+        destination_ip_asn: "",
+        source_port: Text(meta.source.port()),
+        destination_port: Text(meta.destination_port),
+        inbound_ip: Text(meta.inbound.ip()),
+        inbound_port: Text(meta.inbound.port()),
+        inbound_name: meta.inbound_name,
+        inbound_user: meta.inbound_user.as_deref().unwrap_or_default(),
+        host: seen.host.unwrap_or_default(),
         dns_mode: seen.dns_mode.as_str(),
         uid: seen.owner.map_or(0, |o| o.uid),
-        process: seen.owner.map(|o| o.name.to_string()).unwrap_or_default(),
-        process_path: seen.owner.map(|o| o.path.to_string()).unwrap_or_default(),
-        special_proxy: String::new(),
-        special_rules: String::new(),
-        remote_destination: seen.dialed.map(|a| a.ip().to_string()).unwrap_or_default(),
+        process: seen.owner.map_or("", |o| &o.name),
+        process_path: seen.owner.map_or("", |o| &o.path),
+        special_proxy: "",
+        special_rules: "",
+        remote_destination: OrEmpty(seen.dialed.map(|a| a.ip())),
         dscp: 0,
-        sniff_host: seen.sniffed.unwrap_or_default().to_owned(),
+        sniff_host: seen.sniffed.unwrap_or_default(),
     }
 }
 
-fn connection(
+fn connection<'a>(
     id: uuid::Uuid,
-    meta: &FlowMeta,
-    seen: &Seen<'_>,
+    meta: &'a FlowMeta,
+    seen: &Seen<'a>,
     start: SystemTime,
     traffic: Traffic,
     speed: Traffic,
-) -> Connection {
-    let route = seen.route.cloned().unwrap_or_default();
+) -> Connection<'a> {
+    let (rule, payload, chains) = seen.route.map_or(("", "", &[][..]), |r| {
+        (r.rule, r.payload.as_str(), &r.chains[..])
+    });
     Connection {
-        id: id.to_string(),
+        id: Text(id),
         metadata: metadata(meta, seen),
         upload: traffic.upload,
         download: traffic.download,
-        start: rfc3339(start),
-        provider_chains: vec![String::new(); route.chains.len()],
-        chains: route.chains,
-        rule: route.rule.to_owned(),
-        rule_payload: route.payload,
+        start: Text(humantime::format_rfc3339_nanos(start)),
+        chains,
+        provider_chains: Blanks(chains.len()),
+        rule,
+        rule_payload: payload,
         upload_speed: speed.upload,
         download_speed: speed.download,
     }
 }
 
 /// A live flow in Clash's shape.
-pub fn live(flow: &Flow, traffic: Traffic, speed: Traffic) -> Connection {
+pub fn live(flow: &Flow, traffic: Traffic, speed: Traffic) -> Connection<'_> {
     let seen = Seen {
         host: flow.host(),
         dns_mode: flow.dns_mode(),
@@ -172,7 +209,7 @@ pub fn live(flow: &Flow, traffic: Traffic, speed: Traffic) -> Connection {
 }
 
 /// A closed flow in Clash's shape, with `closedAt`.
-pub fn closed(flow: &ClosedFlow) -> Closed {
+pub fn closed(flow: &ClosedFlow) -> Closed<'_> {
     Closed {
         connection: connection(
             flow.id,
@@ -189,18 +226,22 @@ pub fn closed(flow: &ClosedFlow) -> Closed {
             flow.traffic,
             Traffic::default(),
         ),
-        closed_at: rfc3339(flow.closed_at),
+        closed_at: Text(humantime::format_rfc3339_nanos(flow.closed_at)),
     }
 }
 
-/// `GET /connections` now.
-pub fn snapshot(registry: &Registry, speeds: &Speeds) -> Snapshot {
+/// `GET /connections` now, as JSON.
+pub fn snapshot(registry: &Registry, speeds: &Speeds) -> String {
     let (live, totals) = registry.live_and_totals();
-    of(&live, totals, speeds)
+    serde_json::to_string(&of(&live, totals, speeds)).unwrap_or_default()
 }
 
 /// `/connections` from the live flows and totals read in one step.
-pub fn of(live: &[crate::registry::LiveFlow], totals: Traffic, speeds: &Speeds) -> Snapshot {
+pub fn of<'a>(
+    live: &'a [crate::registry::LiveFlow],
+    totals: Traffic,
+    speeds: &Speeds,
+) -> Snapshot<'a> {
     Snapshot {
         download_total: totals.download,
         upload_total: totals.upload,
@@ -209,6 +250,6 @@ pub fn of(live: &[crate::registry::LiveFlow], totals: Traffic, speeds: &Speeds) 
     }
 }
 
-fn live_connection(f: &crate::registry::LiveFlow, speeds: &Speeds) -> Connection {
+fn live_connection<'a>(f: &'a crate::registry::LiveFlow, speeds: &Speeds) -> Connection<'a> {
     live(&f.flow, f.traffic, speeds.of(&f.flow.id))
 }

@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use axum::{
     Json,
     extract::{Path, Query, State, ws::Utf8Bytes},
-    http::StatusCode,
+    http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
 use futures_util::{StreamExt, stream};
@@ -53,14 +53,12 @@ pub(super) async fn list(
     let interval =
         number(q.interval.as_deref(), "interval", "milliseconds", 1000)?.max(MIN_INTERVAL_MS);
     let Some(ws) = ws else {
-        return Ok(Json(snapshot::snapshot(&state.registry, &state.rates.speeds)).into_response());
+        let body = snapshot::snapshot(&state.registry, &state.rates.speeds);
+        return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
     };
     let source = state.clone();
-    let now = move || -> Utf8Bytes {
-        serde_json::to_string(&snapshot::snapshot(&source.registry, &source.rates.speeds))
-            .unwrap_or_default()
-            .into()
-    };
+    let now =
+        move || -> Utf8Bytes { snapshot::snapshot(&source.registry, &source.rates.speeds).into() };
     if interval != SAMPLED_MS {
         // Its own pace: its own reads (each a batch read of the kernel's maps, no lock the
         // relay takes).
@@ -88,12 +86,8 @@ pub(super) async fn closed(
     Query(q): Query<ClosedQuery>,
 ) -> Result<Response, ApiError> {
     let limit = number(q.limit.as_deref(), "limit", "a count", usize::MAX)?;
-    let closed: Vec<_> = state
-        .registry
-        .closed(limit)
-        .iter()
-        .map(snapshot::closed)
-        .collect();
+    let ring = state.registry.closed(limit);
+    let closed: Vec<_> = ring.iter().map(snapshot::closed).collect();
     Ok(Json(serde_json::json!({ "connections": closed })).into_response())
 }
 
