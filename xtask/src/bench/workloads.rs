@@ -1,0 +1,297 @@
+//! One contender's round: throughput, churn, latency, the mixed port and the scale run, each
+//! a real client in the client namespace against the gateway; and the process facts (CPU,
+//! RSS) they are weighed with.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use super::{
+    Children, Contender, Durations, ECHO_PORT, IPERF_PORT, SINK_PORT, Samples, contenders, history,
+    median_min_max, profile,
+};
+use crate::netns::Topology;
+
+/// CPU seconds (user + system) the threads of `pid` named `name` have used.
+fn thread_cpu_seconds(pid: u32, name: &str) -> Option<f64> {
+    let mut total = None;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let tid: u32 = task.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+            *total.get_or_insert(0.0) += stat_cpu_seconds(&stat)?;
+        }
+    }
+    total
+}
+
+fn stat_cpu_seconds(stat: &str) -> Option<f64> {
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// How one contender's round runs.
+pub(super) struct Run<'a> {
+    pub(super) who: Contender,
+    pub(super) topo: &'a Topology,
+    /// This program (the benchmark clients).
+    pub(super) me: &'a Path,
+    pub(super) d: &'a Durations,
+    pub(super) pid: Option<u32>,
+    pub(super) churn_only: bool,
+    /// Where to keep profiles, when this contender is profiled.
+    pub(super) profile: Option<&'a Path>,
+}
+
+pub(super) fn measure(run: &Run<'_>, samples: &mut Samples) -> Result<()> {
+    let (who, topo, me, d, pid) = (run.who, run.topo, run.me, run.d, run.pid);
+    let server = topo.server_ip();
+    let echo = format!("{server}:{ECHO_PORT}");
+    if who.setup_only() || run.churn_only {
+        churn(run, samples)?;
+        samples.add("rounds", who, 1.0);
+        return Ok(());
+    }
+    for (key, streams) in [("tput1", 1), ("tput8", 8)] {
+        let recording = match (run.profile, pid, streams) {
+            (Some(dir), Some(pid), 1) => Some(profile::start(pid, dir, "single-stream")?),
+            _ => None,
+        };
+        let cpu_before = pid.and_then(cpu_seconds);
+        let out = Topology::exec(&topo.client, Path::new("iperf3"))
+            .args(["-c", &server, "-p", &IPERF_PORT.to_string(), "-J"])
+            .args(["-t", &d.stream.to_string(), "-P", &streams.to_string()])
+            .output()
+            .context("iperf3 client")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (bps, bytes) = iperf_result(&text).with_context(|| {
+            format!(
+                "iperf3 gave no result: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        samples.add(key, who, bps / 1e9);
+        if streams == 1
+            && let (Some(before), Some(after)) = (cpu_before, pid.and_then(cpu_seconds))
+        {
+            samples.add("cpu1", who, (after - before) / (bytes / 1e9));
+        }
+        if let Some(r) = recording {
+            r.stop()?;
+        }
+    }
+    churn(run, samples)?;
+    let rr = client(topo, me, &["latency", &echo, &d.requests.to_string()])?;
+    samples.add("rr_p50", who, rr[0]);
+    samples.add("rr_p99", who, rr[1]);
+    // The mixed port: the same server through a SOCKS5 client of our own.
+    if matches!(who, Contender::TpacctEbpf | Contender::Mihomo) {
+        let via = format!(
+            "{}:{}@{echo}",
+            topo.gateway_lan_ip(),
+            contenders::MIXED_PORT
+        );
+        let secs = d.stream.to_string();
+        let tput = client(topo, me, &["socks-stream", &via, &secs])?;
+        samples.add("socks_tput", who, tput[0] * 8.0 / 1e9);
+        let secs = d.churn.as_secs().to_string();
+        let churn = client(topo, me, &["socks-churn", &via, &secs])?;
+        samples.add("socks_churn", who, churn[0]);
+    }
+    // The scale run needs a process to weigh and an API to ask.
+    if let (Some(pid), true) = (
+        pid,
+        matches!(
+            who,
+            Contender::TpacctEbpf | Contender::TpacctUserspace | Contender::Mihomo
+        ),
+    ) {
+        // mihomo has no /metrics.
+        let metrics = who != Contender::Mihomo;
+        for (n, rss_key, api_key, metrics_key) in [
+            (d.scale.0, "rss_small", "api_small", "metrics_small"),
+            (d.scale.1, "rss_large", "api_large", "metrics_large"),
+        ] {
+            let (per_connection, api_ms, metrics_ms) = scale(topo, me, pid, n, metrics)?;
+            samples.add(rss_key, who, per_connection);
+            samples.add(api_key, who, api_ms);
+            if let Some(ms) = metrics_ms {
+                samples.add(metrics_key, who, ms);
+            }
+        }
+    }
+    samples.add("rounds", who, 1.0);
+    Ok(())
+}
+
+/// Connection churn through the gateway; with history on, what the store did meanwhile.
+fn churn(run: &Run<'_>, samples: &mut Samples) -> Result<()> {
+    let (who, topo, me, d, pid) = (run.who, run.topo, run.me, run.d, run.pid);
+    let echo = format!("{}:{ECHO_PORT}", topo.server_ip());
+    let recording = match (run.profile, pid) {
+        (Some(dir), Some(pid)) => Some(profile::start(pid, dir, "churn")?),
+        _ => None,
+    };
+    let before = (who == Contender::TpacctEbpf)
+        .then(|| history::store_counts(topo))
+        .transpose()?;
+    let writer_before = pid.and_then(|p| thread_cpu_seconds(p, "tpacct-store"));
+    let started = Instant::now();
+    let rate = client(topo, me, &["churn", &echo, &d.churn.as_secs().to_string()])?;
+    if let Some(r) = recording {
+        r.stop()?;
+    }
+    samples.add("churn", who, rate[0]);
+    if let Some((written, _, dropped)) = before {
+        let (now, pending, dropped_now) = history::store_counts(topo)?;
+        samples.add(
+            "store_rate",
+            who,
+            (now - written) / started.elapsed().as_secs_f64(),
+        );
+        samples.add("store_left", who, pending);
+        samples.add("store_dropped", who, dropped_now - dropped);
+        if let (Some(a), Some(b)) = (
+            writer_before,
+            pid.and_then(|p| thread_cpu_seconds(p, "tpacct-store")),
+        ) {
+            samples.add("store_cpu", who, (b - a) / started.elapsed().as_secs_f64());
+        }
+    }
+    Ok(())
+}
+
+/// Resident memory of a process in bytes.
+fn rss_bytes(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024.0)
+}
+
+/// Median milliseconds of five `GET <path>`s on the gateway's controller.
+fn api_ms(topo: &Topology, path: &str) -> Result<f64> {
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let out = Topology::exec(&topo.gateway, Path::new("curl"))
+            .args([
+                "-sf",
+                "-H",
+                "Authorization: Bearer bench",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{time_total}",
+                &format!("http://127.0.0.1:9090{path}"),
+            ])
+            .output()?;
+        if out.status.success()
+            && let Ok(secs) = String::from_utf8_lossy(&out.stdout).trim().parse::<f64>()
+        {
+            times.push(secs * 1000.0);
+        }
+    }
+    if times.is_empty() {
+        bail!("GET {path} failed");
+    }
+    Ok(median_min_max(&times).0)
+}
+
+/// Holds `n` idle connections through the gateway: (RSS growth per connection in bytes,
+/// median milliseconds for the gateway's `GET /connections`, and for `GET /metrics` when
+/// `metrics`).
+fn scale(
+    topo: &Topology,
+    me: &Path,
+    pid: u32,
+    n: usize,
+    metrics: bool,
+) -> Result<(f64, f64, Option<f64>)> {
+    let open_fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    let baseline = open_fds();
+    let before = rss_bytes(pid).context("gateway RSS")?;
+    let target = format!("{}:{SINK_PORT}", topo.server_ip());
+    let mut holder = Topology::exec(&topo.client, me)
+        .args(["bench-client", "hold", &target, &n.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("holding client")?;
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().context("holder stdout")?).read_line(&mut line)?;
+    let holder = Children(vec![holder]);
+    if line.trim() != n.to_string() {
+        bail!("holding client opened {} of {n} connections", line.trim());
+    }
+    // Let the gateway finish accepting and dialing.
+    std::thread::sleep(Duration::from_millis(500 + n as u64 / 20));
+    let after = rss_bytes(pid).context("gateway RSS")?;
+    let connections = api_ms(topo, "/connections")?;
+    let metrics_ms = if metrics {
+        Some(api_ms(topo, "/metrics")?)
+    } else {
+        None
+    };
+    // Release the connections and let the gateway drain before the next run.
+    drop(holder);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while open_fds() > baseline + 64 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok((
+        (after - before).max(0.0) / n as f64,
+        connections,
+        metrics_ms,
+    ))
+}
+
+/// (bits per second received, bytes received) from iperf3's JSON.
+fn iperf_result(json: &str) -> Option<(f64, f64)> {
+    let at = json.find("\"sum_received\"")?;
+    let section = &json[at..];
+    let number = |key: &str| -> Option<f64> {
+        let i = section.find(&format!("\"{key}\""))?;
+        let rest = section[i + key.len() + 2..].trim_start_matches([':', ' ', '\t']);
+        let end = rest.find([',', '\n', '}']).unwrap_or(rest.len());
+        rest[..end].trim().parse().ok()
+    };
+    Some((number("bits_per_second")?, number("bytes")?))
+}
+
+/// Runs `xtask bench-client args…` in the client namespace; its stdout is numbers.
+fn client(topo: &Topology, me: &Path, args: &[&str]) -> Result<Vec<f64>> {
+    let out = Topology::exec(&topo.client, me)
+        .arg("bench-client")
+        .args(args)
+        .output()
+        .context("bench client")?;
+    if !out.status.success() {
+        bail!(
+            "bench-client {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect())
+}
