@@ -48,9 +48,11 @@ impl Captured {
 /// 8 fit the map), then 12 UDP sessions at once: every flow's totals are exact, whether the
 /// kernel or the relay counted it.
 fn overflow(topo: &Topology, gw: &Gateway) {
-    let server = spawn_in(&topo.server, || {
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let server = spawn_in(&topo.server, move || {
         let listener = TcpListener::bind(socket(SERVER4, 6100)).expect("bind");
         let udp = UdpSocket::bind(socket(SERVER4, 6101)).expect("bind udp");
+        bound_tx.send(()).expect("bound");
         let handlers: Vec<_> = (0..FLOWS)
             .map(|_| {
                 let (mut conn, _) = listener.accept().expect("accept");
@@ -69,6 +71,9 @@ fn overflow(topo: &Topology, gw: &Gateway) {
             udp.send_to(&buf[..n / 2], from).expect("udp reply");
         }
     });
+    // The gateway dials the server as each client connects: a dial before the server listens
+    // is refused and its flow closes at once (seen once on a busy machine).
+    bound_rx.recv().expect("the server is listening");
     // Every connection is open before any closes, so the map overflows.
     let (opened_tx, opened_rx) = std::sync::mpsc::channel();
     let clients: Vec<_> = (0..FLOWS)
