@@ -64,22 +64,19 @@ pub fn read_all<K: Copy, V: Copy>(fd: BorrowedFd<'_>) -> io::Result<Vec<(K, V)>>
                 size_of::<BatchAttr>() as u32,
             )
         };
-        let err = (r < 0).then(io::Error::last_os_error);
-        let done = match &err {
-            None => false,
-            // The end of the map; `count` holds what this last call read.
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            // 524 is the kernel's ENOTSUPP.
-            Some(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINVAL | libc::EOPNOTSUPP | 524)
-                ) =>
-            {
-                return Err(io::ErrorKind::Unsupported.into());
+        // ENOENT: the end of the map, with `count` holding what this last call read.
+        let done = r < 0;
+        if done {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::ENOENT) => {}
+                // 524 is the kernel's ENOTSUPP.
+                Some(libc::EINVAL | libc::EOPNOTSUPP | 524) => {
+                    return Err(io::ErrorKind::Unsupported.into());
+                }
+                _ => return Err(e),
             }
-            Some(_) => return Err(err.unwrap_or_else(|| io::ErrorKind::Other.into())),
-        };
+        }
         let n = (attr.count as usize).min(CHUNK);
         // SAFETY: the kernel initialised the first `n` keys and values.
         out.extend((0..n).map(|i| unsafe {

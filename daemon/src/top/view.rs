@@ -78,34 +78,21 @@ pub fn draw(f: &mut Frame, m: &Model) {
             bytes(d.total),
         ])
     });
-    let table = Table::new(
+    let widget = table(
         rows,
-        [
-            Constraint::Min(17),
-            Constraint::Min(12),
-            Constraint::Length(5),
-            Constraint::Length(12),
-            Constraint::Length(12),
-            Constraint::Length(10),
-            Constraint::Length(10),
-            Constraint::Length(10),
+        &[
+            ("device", Constraint::Min(17)),
+            ("addresses", Constraint::Min(12)),
+            ("flows", Constraint::Length(5)),
+            ("↑ now", Constraint::Length(12)),
+            ("↓ now", Constraint::Length(12)),
+            ("today", Constraint::Length(10)),
+            ("month", Constraint::Length(10)),
+            ("total", Constraint::Length(10)),
         ],
-    )
-    .header(
-        Row::new([
-            "device",
-            "addresses",
-            "flows",
-            "↑ now",
-            "↓ now",
-            "today",
-            "month",
-            "total",
-        ])
-        .style(bold),
-    )
-    .block(Block::bordered().title(title));
-    f.render_widget(table, devices);
+        title,
+    );
+    f.render_widget(widget, devices);
 
     let rows = m.flows.iter().map(|c| {
         Row::new([
@@ -120,36 +107,35 @@ pub fn draw(f: &mut Frame, m: &Model) {
             Cell::from(bytes(c.bytes.1)),
         ])
     });
-    let table = Table::new(
+    let widget = table(
         rows,
-        [
-            Constraint::Min(20),
-            Constraint::Length(15),
-            Constraint::Length(4),
-            Constraint::Min(10),
-            Constraint::Min(8),
-            Constraint::Length(12),
-            Constraint::Length(12),
-            Constraint::Length(10),
-            Constraint::Length(10),
+        &[
+            ("destination", Constraint::Min(20)),
+            ("source", Constraint::Length(15)),
+            ("net", Constraint::Length(4)),
+            ("rule", Constraint::Min(10)),
+            ("chain", Constraint::Min(8)),
+            ("↑ now", Constraint::Length(12)),
+            ("↓ now", Constraint::Length(12)),
+            ("↑", Constraint::Length(10)),
+            ("↓", Constraint::Length(10)),
         ],
-    )
-    .header(
-        Row::new([
-            "destination",
-            "source",
-            "net",
-            "rule",
-            "chain",
-            "↑ now",
-            "↓ now",
-            "↑",
-            "↓",
-        ])
-        .style(bold),
-    )
-    .block(Block::bordered().title("Live flows"));
-    f.render_widget(table, flows);
+        "Live flows",
+    );
+    f.render_widget(widget, flows);
+}
+
+/// A bordered table titled `title`, its columns as (header, width).
+fn table<'a>(
+    rows: impl IntoIterator<Item = Row<'a>>,
+    columns: &[(&'a str, Constraint)],
+    title: &'a str,
+) -> Table<'a> {
+    Table::new(rows, columns.iter().map(|c| c.1))
+        .header(
+            Row::new(columns.iter().map(|c| c.0)).style(Style::new().add_modifier(Modifier::BOLD)),
+        )
+        .block(Block::bordered().title(title))
 }
 
 #[cfg(test)]

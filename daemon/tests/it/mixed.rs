@@ -206,13 +206,15 @@ fn real_clients_through_the_proxy() {
             );
 
             // openssl through an HTTP CONNECT tunnel (the server reads the hello and closes).
-            let server = spawn_in(&topo.server, || {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            let server = spawn_in(&topo.server, move || {
                 let l = TcpListener::bind(socket(SERVER4, 443)).expect("bind");
+                ready_tx.send(()).expect("ready");
                 let (mut c, _) = l.accept().expect("accept");
                 let mut buf = [0u8; 4096];
                 let _ = c.read(&mut buf);
             });
-            std::thread::sleep(Duration::from_millis(100));
+            ready_rx.recv().expect("the server is listening");
             let status = Command::new("ip")
                 .args(["netns", "exec", &topo.client.name, "openssl", "s_client"])
                 .args([
