@@ -34,7 +34,7 @@ pub struct Api {
 pub fn state_dir(tag: &str) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("tpacct-{tag}-{}-{n}", std::process::id()));
+    let dir = super::scratch::path(&format!("{tag}-{n}"));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }

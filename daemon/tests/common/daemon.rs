@@ -14,7 +14,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_tpacctd");
 
 /// The state directory the daemons of this test process use.
 pub fn state_dir() -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("tpacct-it-{}-state", std::process::id()))
+    super::scratch::path("state")
 }
 
 /// A running daemon.

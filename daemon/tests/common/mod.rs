@@ -9,6 +9,7 @@ pub mod api;
 pub mod daemon;
 pub mod harness;
 pub mod probe;
+pub mod scratch;
 pub mod topo;
 pub mod upstreams;
 

@@ -124,7 +124,7 @@ impl Probe {
 
 /// A certificate for `ip` and its key, and the CA that signed it (to trust), as PEM text.
 fn certificate(ip: IpAddr) -> (String, String, String) {
-    let dir = std::env::temp_dir().join(format!("tpacct-{}-probe", std::process::id()));
+    let dir = super::scratch::path("probe");
     std::fs::create_dir_all(&dir).expect("probe dir");
     let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
     let openssl = |args: &[&str]| {

@@ -256,9 +256,14 @@ pub fn with_prepared_gateway<T>(
     let mut config = gateway_config(mode, super::test_cgroup(test));
     tweak(&mut config);
     let prepared = prepare(&topo);
+    let directory = config.directory.clone();
     let gateway = Gateway::start(&topo, config);
     body(&topo, &gateway, prepared);
     gateway.stop();
+    // Its geodata copies are megabytes; the scratch root would only go at exit.
+    if let Some(dir) = directory {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// Copies the routing keys of the YAML `text` (proxies, groups, providers, rules, sub-rules,

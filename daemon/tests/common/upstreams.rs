@@ -44,12 +44,6 @@ impl Drop for Procs {
     }
 }
 
-fn temp(name: &str, text: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("tpacct-{}-{name}", std::process::id()));
-    std::fs::write(&path, text).expect("write config");
-    path
-}
-
 fn in_ns(ns: &Netns, program: &str) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", &ns.name, program]);
@@ -97,7 +91,7 @@ pub fn start(ns: &Netns) -> Procs {
             "s0",
         ]);
     }
-    let dante = temp(
+    let dante = super::scratch::file(
         "sockd.conf",
         &format!(
             "logoutput: stderr\ninternal: {PROXY_IP} port = {DANTE_PORT}\nexternal: {DANTE_OUT}\n\
@@ -106,14 +100,14 @@ pub fn start(ns: &Netns) -> Procs {
              socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 command: connect udpassociate udpreply bindreply }}\n"
         ),
     );
-    let tiny = temp(
+    let tiny = super::scratch::file(
         "tinyproxy.conf",
         &format!(
             "Port {TINYPROXY_PORT}\nListen {PROXY_IP}\nBind {TINYPROXY_OUT}\nBasicAuth {USER} {PASS}\n\
              MaxClients 200\nDisableViaHeader Yes\nLogLevel Info\nTimeout 60\n"
         ),
     );
-    let dir = std::env::temp_dir().join(format!("tpacct-{}-pproxy", std::process::id()));
+    let dir = super::scratch::path("pproxy");
     std::fs::create_dir_all(&dir).expect("pproxy dir");
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let made = Command::new("openssl")
@@ -175,9 +169,7 @@ pub fn start(ns: &Netns) -> Procs {
 
 /// What the pproxy server logged so far (it names each destination it connects to).
 pub fn pproxy_log() -> String {
-    let path = std::env::temp_dir()
-        .join(format!("tpacct-{}-pproxy", std::process::id()))
-        .join("pproxy.log");
+    let path = super::scratch::path("pproxy").join("pproxy.log");
     std::fs::read_to_string(path).unwrap_or_default()
 }
 

@@ -437,7 +437,7 @@ struct TlsServer {
 
 impl TlsServer {
     fn start() -> TlsServer {
-        let dir = std::env::temp_dir().join(format!("tpacct-tls-{}", std::process::id()));
+        let dir = crate::common::scratch::path("tls");
         std::fs::create_dir_all(&dir).expect("dir");
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
         let made = std::process::Command::new("openssl")

@@ -15,8 +15,7 @@ const CONFIG: &str = "accounting: userspace\ntproxy-port: 0\nexternal-controller
 
 /// Starts the daemon with [`CONFIG`]; returns it with its secret (as logged) and API address.
 fn start() -> (Daemon, String, SocketAddr) {
-    let path = std::env::temp_dir().join(format!("tpacct-secret-{}.yaml", std::process::id()));
-    std::fs::write(&path, CONFIG).expect("config");
+    let path = crate::common::scratch::file("secret.yaml", CONFIG);
     let daemon = Daemon::start(None, &["run", "--config", path.to_str().expect("utf-8")]);
     let line = daemon.wait_for("external-controller: secret ");
     let secret = line

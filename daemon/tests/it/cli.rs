@@ -11,9 +11,7 @@ use crate::common::daemon::Daemon;
 use crate::common::daemon::BIN;
 
 fn config_file(name: &str, text: &str) -> PathBuf {
-    let path = std::env::temp_dir().join(format!("tpacct-cli-{}-{name}.yaml", std::process::id()));
-    std::fs::write(&path, text).expect("write config");
-    path
+    crate::common::scratch::file(&format!("cli-{name}.yaml"), text)
 }
 
 fn tpacctd(args: &[&str]) -> Output {

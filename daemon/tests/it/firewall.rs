@@ -14,13 +14,10 @@ use crate::common::{
 };
 
 fn config_file(tag: &str) -> std::path::PathBuf {
-    let path = std::env::temp_dir().join(format!("tpacct-fw-{}-{tag}.yaml", std::process::id()));
-    std::fs::write(
-        &path,
+    crate::common::scratch::file(
+        &format!("fw-{tag}.yaml"),
         "tproxy-port: 7893\nrouting-mark: 6666\ntproxy-firewall:\n  interfaces: [g1]\n",
     )
-    .expect("write config");
-    path
 }
 
 /// (nft table present, IPv4 rules, IPv6 rules, local routes in table 100)

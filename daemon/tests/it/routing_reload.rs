@@ -138,7 +138,7 @@ fn reload_swaps_rules_while_a_transfer_keeps_going() {
 
 fn sighup_reloads_the_file_and_keeps_the_old_on_error() {
     let _turn = crate::common::serial();
-    let path = std::env::temp_dir().join(format!("tpacct-hup-{}.yaml", std::process::id()));
+    let path = crate::common::scratch::path("hup.yaml");
     let base = "accounting: userspace\ntproxy-port: 0\nexternal-controller: ''\n";
     std::fs::write(&path, format!("{base}rules:\n  - MATCH,DIRECT\n")).expect("write");
     let daemon = Daemon::start(None, &["run", "--config", path.to_str().expect("utf-8")]);
