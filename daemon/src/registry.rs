@@ -24,6 +24,8 @@ pub type ClosedByRoute = std::collections::HashMap<(String, &'static str), (u64,
 pub struct Registry {
     accounting: Accounting,
     live: DashMap<Uuid, Arc<Flow>>,
+    /// How many of the live flows are UDP sessions (which kernel map is worth a batch read).
+    live_udp: std::sync::atomic::AtomicUsize,
     closed: Mutex<VecDeque<ClosedFlow>>,
     closed_capacity: usize,
     closed_upload: AtomicU64,
@@ -59,6 +61,7 @@ impl Registry {
         Registry {
             accounting,
             live: DashMap::new(),
+            live_udp: std::sync::atomic::AtomicUsize::new(0),
             closed: Mutex::new(VecDeque::with_capacity(closed_capacity.min(4096))),
             closed_capacity: closed_capacity.max(1),
             closed_upload: AtomicU64::new(0),
@@ -92,6 +95,9 @@ impl Registry {
     pub fn open(&self, meta: FlowMeta, tracked: Tracked, leg: Leg) -> Arc<Flow> {
         let flow = Arc::new(Flow::new(meta, tracked, leg));
         self.live.insert(flow.id, flow.clone());
+        if flow.meta.network == Network::Udp {
+            self.live_udp.fetch_add(1, Ordering::Relaxed);
+        }
         self.opened.fetch_add(1, Ordering::Relaxed);
         *self
             .opened_by
@@ -121,7 +127,7 @@ impl Registry {
     /// flows, read in one step (no flow in both or neither).
     pub fn closed_by_route_and_live(&self) -> (ClosedByRoute, Vec<LiveFlow>) {
         // The kernel's counters are read before the lock: no system call under it.
-        let seen = self.accounting.observe(self.live.len());
+        let seen = self.observe();
         let _moving = self.moving.read().unwrap_or_else(|p| p.into_inner());
         let closed = self
             .closed_by_route
@@ -134,9 +140,17 @@ impl Registry {
     /// The closed flows still in the ring (newest first) and the live flows, read in one step:
     /// no flow is in both or in neither.
     pub fn recent_and_live(&self) -> (Vec<ClosedFlow>, Vec<LiveFlow>) {
-        let seen = self.accounting.observe(self.live.len());
+        let seen = self.observe();
         let _moving = self.moving.read().unwrap_or_else(|p| p.into_inner());
         (self.closed(usize::MAX), self.live_in(seen.as_ref()))
+    }
+
+    /// The kernel's counters for reading every live flow at once (see
+    /// [`Accounting::observe`]); read before taking `moving`: no system call under it.
+    fn observe(&self) -> Option<Observed> {
+        let udp = self.live_udp.load(Ordering::Relaxed);
+        self.accounting
+            .observe(self.live.len().saturating_sub(udp), udp)
     }
 
     /// The flow's counters now.
@@ -195,7 +209,9 @@ impl Registry {
             }
             ring.push_back(closed);
         }
-        self.live.remove(&flow.id);
+        if self.live.remove(&flow.id).is_some() && flow.meta.network == Network::Udp {
+            self.live_udp.fetch_sub(1, Ordering::Relaxed);
+        }
         {
             let mut e = self.closed_by_route.entry(route_key).or_default();
             e.0 += traffic.upload;
@@ -267,7 +283,7 @@ impl Registry {
 
     /// Every live flow with its counters (the kernel's read in one batch).
     pub fn live(&self) -> Vec<LiveFlow> {
-        self.live_in(self.accounting.observe(self.live.len()).as_ref())
+        self.live_in(self.observe().as_ref())
     }
 
     /// Every live flow with its counters as `seen` has them.
@@ -299,7 +315,7 @@ impl Registry {
     /// The live flows and the totals, read consistently (no flow counted twice or missed
     /// while it moves to the closed ring).
     pub fn live_and_totals(&self) -> (Vec<LiveFlow>, Traffic) {
-        let seen = self.accounting.observe(self.live.len());
+        let seen = self.observe();
         let _moving = self.moving.read().unwrap_or_else(|p| p.into_inner());
         let live = self.live_in(seen.as_ref());
         let sum = live.iter().fold(Traffic::default(), |t, f| Traffic {

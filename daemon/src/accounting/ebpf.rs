@@ -53,8 +53,8 @@ const COUNTS_FRESH: Duration = Duration::from_secs(2);
 
 /// The loaded, attached programs and their maps.
 pub(super) struct Kernel {
-    /// When the maps were last read whole, and their entries then (TCP, UDP).
-    counted: std::sync::Mutex<Option<(std::time::Instant, usize, usize)>>,
+    /// When each map (TCP, UDP) was last read whole, and its entries then.
+    counted: std::sync::Mutex<[Option<(std::time::Instant, usize)>; 2]>,
     tcp: HashMap<MapData, u64, TcpSock>,
     udp: HashMap<MapData, u64, UdpSock>,
     stats: PerCpuArray<MapData, u64>,
@@ -165,7 +165,7 @@ impl Kernel {
             tracker,
         )?;
         Ok(Kernel {
-            counted: std::sync::Mutex::new(None),
+            counted: std::sync::Mutex::new([None; 2]),
             tcp,
             udp,
             stats,
@@ -204,24 +204,36 @@ impl Kernel {
         }
     }
 
-    /// Every socket's counters in both maps, a few system calls in all; None when the kernel
-    /// refuses batch reads (each flow is then read on its own).
-    pub(super) fn observe(&self) -> Option<Observed> {
-        let tcp = super::batch::read_all::<u64, TcpSock>(self.tcp.map().fd().as_fd());
-        let udp = super::batch::read_all::<u64, UdpSock>(self.udp.map().fd().as_fd());
+    /// The counters of every socket in the maps of the protocols `batch` names ([TCP, UDP]),
+    /// a few system calls each; None when neither is named or the kernel refuses batch
+    /// reads (each flow is then read on its own, as are those of a map not read).
+    pub(super) fn observe(&self, batch: [bool; 2]) -> Option<Observed> {
+        fn counters<V: aya::Pod>(
+            map: &HashMap<MapData, u64, V>,
+            read: bool,
+            of: fn(&V) -> Counters,
+        ) -> std::io::Result<Option<Vec<(u64, Counters)>>> {
+            if !read {
+                return Ok(None);
+            }
+            let all = super::batch::read_all::<u64, V>(map.map().fd().as_fd())?;
+            Ok(Some(all.iter().map(|(k, v)| (*k, of(v))).collect()))
+        }
+        if batch == [false, false] {
+            return None;
+        }
+        let tcp = counters(&self.tcp, batch[0], |e| Counters { rx: e.rx, tx: e.tx });
+        let udp = counters(&self.udp, batch[1], |e| Counters { rx: e.rx, tx: e.tx });
         match (tcp, udp) {
             (Ok(tcp), Ok(udp)) => {
-                *self.counted.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((std::time::Instant::now(), tcp.len(), udp.len()));
-                Some(Observed(
-                    tcp.into_iter()
-                        .map(|(k, e)| (k, Counters { rx: e.rx, tx: e.tx }))
-                        .chain(
-                            udp.into_iter()
-                                .map(|(k, e)| (k, Counters { rx: e.rx, tx: e.tx })),
-                        )
-                        .collect(),
-                ))
+                let now = std::time::Instant::now();
+                let mut counted = self.counted.lock().unwrap_or_else(|p| p.into_inner());
+                for (slot, read) in counted.iter_mut().zip([&tcp, &udp]) {
+                    if let Some(read) = read {
+                        *slot = Some((now, read.len()));
+                    }
+                }
+                Some(Observed(tcp.into_iter().chain(udp).flatten().collect()))
             }
             (Err(e), _) | (_, Err(e)) => {
                 tracing::debug!("accounting: batch map read: {e}");
@@ -282,11 +294,12 @@ impl Kernel {
         };
         // The last whole-map read's counts when it is recent (the sampler makes one every
         // second), else walk the keys (one system call per entry).
-        let counted = *self.counted.lock().unwrap_or_else(|p| p.into_inner());
-        let (tcp_entries, udp_entries) = match counted {
-            Some((at, tcp, udp)) if at.elapsed() < COUNTS_FRESH => (tcp, udp),
-            _ => (self.tcp.keys().count(), self.udp.keys().count()),
+        let [tcp, udp] = *self.counted.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = |c: Option<(std::time::Instant, usize)>| {
+            c.filter(|(at, _)| at.elapsed() < COUNTS_FRESH).map(|c| c.1)
         };
+        let tcp_entries = fresh(tcp).unwrap_or_else(|| self.tcp.keys().count());
+        let udp_entries = fresh(udp).unwrap_or_else(|| self.udp.keys().count());
         KernelStats {
             tcp_entries,
             udp_entries,

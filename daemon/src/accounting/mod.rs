@@ -101,7 +101,7 @@ pub const BATCH_FROM: usize = 1024;
 
 /// Every kernel-counted socket's counters, read at one moment in a few system calls.
 #[derive(Debug, Default)]
-pub struct Observed(std::collections::HashMap<u64, Counters>);
+pub struct Observed(std::collections::HashMap<u64, Counters, foldhash::fast::RandomState>);
 
 /// Transport of a tracked socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,14 +299,15 @@ impl Accounting {
         }
     }
 
-    /// Every kernel-counted socket's counters now, for reading `flows` flows at once: worth
-    /// it from [`BATCH_FROM`] flows (a batch read walks every bucket of the maps, a few
-    /// milliseconds whatever they hold). eBPF only; None also when the kernel cannot read
-    /// its maps in batches.
-    pub fn observe(&self, flows: usize) -> Option<Observed> {
+    /// Every kernel-counted socket's counters now, for reading `tcp` TCP and `udp` UDP
+    /// flows at once. A protocol's map is read whole from [`BATCH_FROM`] of its flows (a
+    /// batch read walks every bucket of the map, a few milliseconds whatever it holds); the
+    /// other's flows are then read one by one. eBPF only; None also when no map is worth a
+    /// batch or the kernel cannot read its maps in batches.
+    pub fn observe(&self, tcp: usize, udp: usize) -> Option<Observed> {
         match &self.backend {
-            Backend::Ebpf(k) if flows >= BATCH_FROM => k.observe(),
-            _ => None,
+            Backend::Ebpf(k) => k.observe([tcp >= BATCH_FROM, udp >= BATCH_FROM]),
+            Backend::Userspace => None,
         }
     }
 

@@ -53,7 +53,13 @@ pub(super) async fn list(
     let interval =
         number(q.interval.as_deref(), "interval", "milliseconds", 1000)?.max(MIN_INTERVAL_MS);
     let Some(ws) = ws else {
-        let body = snapshot::snapshot(&state.registry, &state.rates.speeds);
+        // Milliseconds of work at 10k flows: off the runtime's workers, which relay.
+        let source = state.clone();
+        let body = tokio::task::spawn_blocking(move || {
+            snapshot::snapshot(&source.registry, &source.rates.speeds)
+        })
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("snapshot: {e}")))?;
         return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
     };
     let source = state.clone();

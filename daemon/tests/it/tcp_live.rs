@@ -71,7 +71,7 @@ async fn stream_one_way(acc: Accounting, upload: bool) {
             // Every other sample through one batch read of the kernel's maps, as the API and
             // the sampler read them.
             let seen = (history.len() % 2 == 1).then(|| {
-                acc.observe(usize::MAX)
+                acc.observe(usize::MAX, usize::MAX)
                     .expect("batch map reads on this kernel")
             });
             let (tx_live, rx_live) = (

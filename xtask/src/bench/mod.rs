@@ -219,7 +219,7 @@ pub fn run(daemon: &Path, o: &Options) -> Result<()> {
         } else {
             let mut md = report(&samples, &d, quick).0;
             if o.profile {
-                md.push_str(&profile::markdown(&out_dir, &["single-stream", "churn"]));
+                md.push_str(&profile::markdown(&out_dir, &profile::WORKLOADS));
             }
             println!("{md}");
         }
@@ -228,7 +228,7 @@ pub fn run(daemon: &Path, o: &Options) -> Result<()> {
     let (mut markdown, mut json) = report(&samples, &d, quick);
     markdown.push_str(&routing::markdown(&routing));
     if o.profile {
-        markdown.push_str(&profile::markdown(&out_dir, &["single-stream", "churn"]));
+        markdown.push_str(&profile::markdown(&out_dir, &profile::WORKLOADS));
     }
     markdown.push_str(&history::markdown(&queries, &samples));
     json.insert_str(

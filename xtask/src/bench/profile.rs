@@ -8,6 +8,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+/// The workloads profiled: one stream, churn, and `GET /connections` at the large scale.
+pub(super) const WORKLOADS: [&str; 3] = ["single-stream", "churn", "connections"];
+
 /// Symbols listed per workload.
 const TOP: usize = 15;
 

@@ -123,11 +123,17 @@ pub(super) fn measure(run: &Run<'_>, samples: &mut Samples) -> Result<()> {
     ) {
         // mihomo has no /metrics.
         let metrics = who != Contender::Mihomo;
-        for (n, rss_key, api_key, metrics_key) in [
-            (d.scale.0, "rss_small", "api_small", "metrics_small"),
-            (d.scale.1, "rss_large", "api_large", "metrics_large"),
+        for (n, rss_key, api_key, metrics_key, profile) in [
+            (d.scale.0, "rss_small", "api_small", "metrics_small", None),
+            (
+                d.scale.1,
+                "rss_large",
+                "api_large",
+                "metrics_large",
+                run.profile,
+            ),
         ] {
-            let (per_connection, api_ms, metrics_ms) = scale(topo, me, pid, n, metrics)?;
+            let (per_connection, api_ms, metrics_ms) = scale(topo, me, pid, n, metrics, profile)?;
             samples.add(rss_key, who, per_connection);
             samples.add(api_key, who, api_ms);
             if let Some(ms) = metrics_ms {
@@ -219,13 +225,14 @@ fn api_ms(topo: &Topology, path: &str) -> Result<f64> {
 
 /// Holds `n` idle connections through the gateway: (RSS growth per connection in bytes,
 /// median milliseconds for the gateway's `GET /connections`, and for `GET /metrics` when
-/// `metrics`).
+/// `metrics`). With `profile`, the gateway is recorded while it answers `/connections`.
 fn scale(
     topo: &Topology,
     me: &Path,
     pid: u32,
     n: usize,
     metrics: bool,
+    profile: Option<&Path>,
 ) -> Result<(f64, f64, Option<f64>)> {
     let open_fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     let baseline = open_fds();
@@ -245,7 +252,13 @@ fn scale(
     // Let the gateway finish accepting and dialing.
     std::thread::sleep(Duration::from_millis(500 + n as u64 / 20));
     let after = rss_bytes(pid).context("gateway RSS")?;
+    let recording = profile
+        .map(|dir| profile::start(pid, dir, "connections"))
+        .transpose()?;
     let connections = api_ms(topo, "/connections")?;
+    if let Some(recording) = recording {
+        recording.stop()?;
+    }
     let metrics_ms = if metrics {
         Some(api_ms(topo, "/metrics")?)
     } else {

@@ -6,6 +6,8 @@ use std::{net::SocketAddr, time::SystemTime};
 
 use serde::Serialize;
 
+mod json;
+
 use crate::{
     flow::{DnsMode, RouteInfo},
     registry::{ClosedFlow, Flow, FlowMeta, Registry, Traffic},
@@ -233,7 +235,12 @@ pub fn closed(flow: &ClosedFlow) -> Closed<'_> {
 /// `GET /connections` now, as JSON.
 pub fn snapshot(registry: &Registry, speeds: &Speeds) -> String {
     let (live, totals) = registry.live_and_totals();
-    serde_json::to_string(&of(&live, totals, speeds)).unwrap_or_default()
+    json::to_string(&of(&live, totals, speeds))
+}
+
+/// `/connections` as JSON from the live flows and totals read in one step.
+pub fn json_of(live: &[crate::registry::LiveFlow], totals: Traffic, speeds: &Speeds) -> String {
+    json::to_string(&of(live, totals, speeds))
 }
 
 /// `/connections` from the live flows and totals read in one step.
