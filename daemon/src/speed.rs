@@ -38,6 +38,11 @@ impl Speeds {
     pub fn of(&self, id: &Uuid) -> Traffic {
         self.flows.load().get(id).map(|e| e.1).unwrap_or_default()
     }
+
+    /// Every flow's, at once (for reading many: one load instead of one per flow).
+    pub fn all(&self) -> Arc<Samples> {
+        self.flows.load_full()
+    }
 }
 
 /// The next sample from the previous one and the live flows' traffic now: linear in the

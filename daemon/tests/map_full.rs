@@ -169,7 +169,7 @@ fn full_maps_are_counted_logged_and_not_fatal() {
     with_gateway(
         "map_full",
         AccountingMode::Ebpf,
-        |c| c.accounting_max_sockets = MaxSockets(CAPACITY),
+        |c| c.accounting_max_sockets = Some(MaxSockets(CAPACITY)),
         overflow,
     );
     // Kernel log records are read asynchronously; they were flushed before the gateway ended.

@@ -41,8 +41,9 @@ pub struct Config {
     /// or a child of it made for the daemon when its own cgroup is the root.
     pub accounting_cgroup: Option<PathBuf>,
     /// Capacity of each kernel socket map (TCP and UDP): how many sockets can be counted in
-    /// the kernel at once. Sockets beyond it are counted in user space.
-    pub accounting_max_sockets: MaxSockets,
+    /// the kernel at once. Sockets beyond it are counted in user space. Absent: sized to what
+    /// the daemon can hold open (see [`auto_max_sockets`]).
+    pub accounting_max_sockets: Option<MaxSockets>,
     /// mihomo's `find-process-mode`: `always`, `strict` (only when a rule needs the process)
     /// or `off`.
     pub find_process_mode: FindProcessMode,
@@ -216,7 +217,7 @@ impl Default for Config {
             log_level: LogLevel::default(),
             accounting: AccountingMode::default(),
             accounting_cgroup: None,
-            accounting_max_sockets: MaxSockets(tpacct_common::MAX_SOCKETS),
+            accounting_max_sockets: None,
             find_process_mode: FindProcessMode::default(),
             process_cgroup: None,
             memory_limit: None,
@@ -281,13 +282,42 @@ impl Config {
         AccountingSettings {
             mode: self.accounting,
             cgroup: self.accounting_cgroup.clone(),
-            max_sockets: self.accounting_max_sockets.0,
+            max_sockets: self.accounting_max_sockets.map_or_else(
+                || auto_max_sockets(self.accounting_cgroup.is_some(), hard_open_files()),
+                |m| m.0,
+            ),
             close_ring_bytes: tpacct_common::CLOSE_RING_BYTES,
             processes: (self.find_process_mode != FindProcessMode::Off).then(|| ProcessHooks {
                 cgroup: self.process_cgroup.clone(),
             }),
         }
     }
+}
+
+/// The socket maps' capacity when the config leaves it out. In the daemon's own cgroup only
+/// its sockets are counted: at most its open-files limit, twice over for sockets still
+/// closing after their descriptor went (FIN_WAIT, LAST_ACK), rounded up to the power of two
+/// the kernel sizes a hash map's buckets to. A batch read walks every bucket, so a map no
+/// larger than needed keeps `/connections` and the sampler cheap. A cgroup given in the
+/// config may hold other processes: the full [`tpacct_common::MAX_SOCKETS`] then.
+pub fn auto_max_sockets(shared_cgroup: bool, open_files: Option<u64>) -> u32 {
+    const MIN: u32 = 16_384;
+    match open_files {
+        Some(n) if !shared_cgroup => u32::try_from(n.saturating_mul(2))
+            .unwrap_or(u32::MAX)
+            .checked_next_power_of_two()
+            .unwrap_or(u32::MAX)
+            .clamp(MIN, tpacct_common::MAX_SOCKETS),
+        _ => tpacct_common::MAX_SOCKETS,
+    }
+}
+
+/// This process's hard open-files limit (what the inbounds raise the soft one to).
+fn hard_open_files() -> Option<u64> {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(_, hard)| hard)
+        .filter(|&hard| hard != nix::sys::resource::RLIM_INFINITY)
 }
 
 /// The accounting part of the config.

@@ -27,9 +27,24 @@ fn reads_known_keys() {
     assert_eq!(c.log_level, LogLevel::Debug);
     assert_eq!(c.accounting, AccountingMode::Userspace);
     assert_eq!(c.accounting_cgroup, Some(PathBuf::from("/sys/fs/cgroup/x")));
-    assert_eq!(c.accounting_max_sockets.0, tpacct_common::MAX_SOCKETS);
+    assert_eq!(c.accounting_max_sockets, None);
     let c = Config::parse("accounting-max-sockets: 8\n", "x").expect("valid config");
     assert_eq!(c.accounting().max_sockets, 8);
+}
+
+#[test]
+fn map_capacity_follows_the_open_files_limit_in_the_daemons_own_cgroup() {
+    use super::auto_max_sockets as auto;
+    // 20,000 descriptors: 40,000 sockets, the next power of two.
+    assert_eq!(auto(false, Some(20_000)), 65_536);
+    assert_eq!(auto(false, Some(1_024)), 16_384, "never below 16k");
+    assert_eq!(auto(false, Some(1 << 20)), tpacct_common::MAX_SOCKETS);
+    assert_eq!(auto(false, None), tpacct_common::MAX_SOCKETS, "no limit");
+    assert_eq!(
+        auto(true, Some(20_000)),
+        tpacct_common::MAX_SOCKETS,
+        "a configured cgroup may hold other processes"
+    );
 }
 
 #[test]

@@ -63,9 +63,33 @@ impl Writer {
         self.0.push('"');
     }
 
-    fn or_empty<T: Display>(&mut self, v: &OrEmpty<T>) {
-        match &v.0 {
-            Some(v) => self.text(v),
+    /// A port, as the string mihomo sends.
+    fn port(&mut self, port: u16) {
+        self.0.push('"');
+        self.u64(port);
+        self.0.push('"');
+    }
+
+    /// An address as a string; IPv4 without the formatting machinery (4 of them per flow).
+    fn ip(&mut self, ip: std::net::IpAddr) {
+        match ip {
+            std::net::IpAddr::V4(v4) => {
+                self.0.push('"');
+                for (i, octet) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        self.0.push('.');
+                    }
+                    self.u64(octet);
+                }
+                self.0.push('"');
+            }
+            std::net::IpAddr::V6(_) => self.text(ip),
+        }
+    }
+
+    fn or_empty_ip(&mut self, v: &OrEmpty<std::net::IpAddr>) {
+        match v.0 {
+            Some(ip) => self.ip(ip),
             None => self.raw("\"\""),
         }
     }
@@ -115,9 +139,9 @@ impl Writer {
         self.raw(",\"type\":");
         self.str(m.kind);
         self.raw(",\"sourceIP\":");
-        self.text(m.source_ip.0);
+        self.ip(m.source_ip.0);
         self.raw(",\"destinationIP\":");
-        self.or_empty(&m.destination_ip);
+        self.or_empty_ip(&m.destination_ip);
         self.raw(",\"sourceGeoIP\":");
         self.strings(m.source_geo_ip.iter());
         self.raw(",\"destinationGeoIP\":");
@@ -127,13 +151,13 @@ impl Writer {
         self.raw(",\"destinationIPASN\":");
         self.str(m.destination_ip_asn);
         self.raw(",\"sourcePort\":");
-        self.text(m.source_port.0);
+        self.port(m.source_port.0);
         self.raw(",\"destinationPort\":");
-        self.text(m.destination_port.0);
+        self.port(m.destination_port.0);
         self.raw(",\"inboundIP\":");
-        self.text(m.inbound_ip.0);
+        self.ip(m.inbound_ip.0);
         self.raw(",\"inboundPort\":");
-        self.text(m.inbound_port.0);
+        self.port(m.inbound_port.0);
         self.raw(",\"inboundName\":");
         self.str(m.inbound_name);
         self.raw(",\"inboundUser\":");
@@ -153,7 +177,7 @@ impl Writer {
         self.raw(",\"specialRules\":");
         self.str(m.special_rules);
         self.raw(",\"remoteDestination\":");
-        self.or_empty(&m.remote_destination);
+        self.or_empty_ip(&m.remote_destination);
         self.raw(",\"dscp\":");
         self.u64(m.dscp);
         self.raw(",\"sniffHost\":");

@@ -252,11 +252,19 @@ pub fn of<'a>(
     Snapshot {
         download_total: totals.download,
         upload_total: totals.upload,
-        connections: live.iter().map(|f| live_connection(f, speeds)).collect(),
+        connections: {
+            // One load of the speeds for every flow.
+            let speeds = speeds.all();
+            live.iter().map(|f| live_connection(f, &speeds)).collect()
+        },
         memory: crate::speed::rss(),
     }
 }
 
-fn live_connection<'a>(f: &'a crate::registry::LiveFlow, speeds: &Speeds) -> Connection<'a> {
-    live(&f.flow, f.traffic, speeds.of(&f.flow.id))
+fn live_connection<'a>(
+    f: &'a crate::registry::LiveFlow,
+    speeds: &crate::speed::Samples,
+) -> Connection<'a> {
+    let speed = speeds.get(&f.flow.id).map(|e| e.1).unwrap_or_default();
+    live(&f.flow, f.traffic, speed)
 }
