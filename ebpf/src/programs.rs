@@ -5,7 +5,8 @@ use aya_ebpf::{
     bindings::{
         BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PARSE_ALL_HDR_OPT_CB_FLAG,
         BPF_SOCK_OPS_PARSE_HDR_OPT_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB,
-        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock_ops,
+        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock,
+        bpf_sock_ops,
     },
     btf_maps::{HashMap, PerCpuArray, RingBuf},
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_fullsock, bpf_tcp_sock},
@@ -119,8 +120,32 @@ fn cookie_of<C: EbpfContext>(ctx: &C) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
+/// Whether `sk` (a non-null full socket) carries an `SO_MARK`. The daemon marks its own upstream
+/// dials (`routing-mark`) and reports each flow from its client-facing socket, so marked
+/// sockets are left out: no map entry, no per-packet work, no close event to wake it for.
+fn marked(sk: *mut bpf_sock) -> bool {
+    // SAFETY: callers pass a non-null full socket (bpf_sk_fullsock's, or sock_ops' own).
+    unsafe { (*sk).mark != 0 }
+}
+
+/// The full socket behind `sk`, when there is one.
+fn full(sk: *mut bpf_sock) -> Option<*mut bpf_sock> {
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: `sk` is a non-null socket pointer from the context, as the helper expects.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    (!full.is_null()).then_some(full)
+}
+
 fn tcp_established(ctx: &SockOpsContext) {
     let o = ops(ctx);
+    // SAFETY: reading the context's socket pointer (the verifier checks the access); in
+    // sock_ops it is already a full socket.
+    let sk = unsafe { o.__bindgen_anon_2.sk };
+    if !sk.is_null() && marked(sk) {
+        return;
+    }
     let cookie = cookie_of(ctx);
     let entry = TcpSock {
         rx_base: u64::from(o.bytes_received),
@@ -258,13 +283,10 @@ fn skb_seen(ctx: &SkBuffContext, ingress: bool) {
 fn tcp_refresh_skb(ctx: &SkBuffContext) {
     // SAFETY: the kernel passes a valid __sk_buff; reading its socket pointer field is allowed
     // for cgroup_skb programs (the verifier checks the access).
-    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-    if sk.is_null() {
+    let Some(sk) = full(unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }) else {
         return;
-    }
-    // SAFETY: `sk` is the non-null socket pointer of this skb, as the helper expects.
-    let sk = unsafe { bpf_sk_fullsock(sk) };
-    if sk.is_null() {
+    };
+    if marked(sk) {
         return;
     }
     // SAFETY: `sk` is a non-null full socket returned by bpf_sk_fullsock.
@@ -298,6 +320,10 @@ fn udp_count(ctx: &SkBuffContext, header: u32, ingress: bool) {
         return;
     };
     let payload = u64::from(payload);
+    // SAFETY: reading this skb's socket pointer is allowed for cgroup_skb programs.
+    if full(unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk }).is_some_and(marked) {
+        return;
+    }
     let cookie = cookie_of(ctx);
     let entry = match TPACCT_UDP.get_ptr_mut(cookie) {
         Some(e) => e,
@@ -335,8 +361,8 @@ fn udp_count(ctx: &SkBuffContext, header: u32, ingress: bool) {
 #[cgroup_sock(sock_release)]
 pub fn tpacct_sock_release(ctx: SockContext) -> i32 {
     // SAFETY: the kernel passes a valid bpf_sock for the program's run.
-    let protocol = unsafe { (*ctx.sock).protocol };
-    if protocol != u32::from(IPPROTO_UDP) {
+    let (protocol, mark) = unsafe { ((*ctx.sock).protocol, (*ctx.sock).mark) };
+    if protocol != u32::from(IPPROTO_UDP) || mark != 0 {
         return 1;
     }
     let cookie = cookie_of(&ctx);

@@ -21,6 +21,7 @@ mod groups_checks;
 mod history;
 mod history_load;
 mod killswitch;
+mod marked;
 mod metrics;
 mod mixed;
 mod process;
@@ -61,6 +62,7 @@ fn main() {
         history::tests(),
         history_load::tests(),
         killswitch::tests(),
+        marked::tests(),
         metrics::tests(),
         mixed::tests(),
         process::tests(),
