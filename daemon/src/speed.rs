@@ -59,6 +59,9 @@ pub fn advance(prev: &Samples, live: impl Iterator<Item = (Uuid, Traffic)>) -> S
     .collect()
 }
 
+/// A `/connections` frame and when it was made (None: not yet).
+pub type Frame = (Option<std::time::Instant>, Utf8Bytes);
+
 /// The sampler's outputs.
 #[derive(Debug, Clone)]
 pub struct Rates {
@@ -66,7 +69,7 @@ pub struct Rates {
     pub traffic: watch::Receiver<TrafficTick>,
     /// `/connections` as JSON, serialized once per tick while someone subscribes (the
     /// WebSockets at the default interval): every client sends the same bytes.
-    pub connections: Arc<watch::Sender<Utf8Bytes>>,
+    pub connections: Arc<watch::Sender<Frame>>,
 }
 
 /// Samples `registry` once a second until `cancel`.
@@ -81,7 +84,7 @@ pub fn start(
         down_total: initial.download,
         ..TrafficTick::default()
     });
-    let connections = Arc::new(watch::Sender::new(Utf8Bytes::default()));
+    let connections = Arc::new(watch::Sender::new((None, Utf8Bytes::default())));
     let rates = Rates {
         speeds: speeds.clone(),
         traffic: rx,
@@ -117,7 +120,7 @@ pub fn start(
 
 /// One tick: every live flow's speed, the shared `/connections` frame when someone follows
 /// it, and the totals.
-fn sample(registry: &Registry, speeds: &Speeds, connections: &watch::Sender<Utf8Bytes>) -> Traffic {
+fn sample(registry: &Registry, speeds: &Speeds, connections: &watch::Sender<Frame>) -> Traffic {
     let (live, totals) = registry.live_and_totals();
     let next = advance(
         &speeds.flows.load(),
@@ -126,7 +129,7 @@ fn sample(registry: &Registry, speeds: &Speeds, connections: &watch::Sender<Utf8
     speeds.flows.store(Arc::new(next));
     if connections.receiver_count() > 0 {
         let frame = crate::snapshot::json_of(&live, totals, speeds);
-        connections.send_replace(frame.into());
+        connections.send_replace((Some(std::time::Instant::now()), frame.into()));
     }
     totals
 }

@@ -53,18 +53,17 @@ pub(super) async fn list(
     let interval =
         number(q.interval.as_deref(), "interval", "milliseconds", 1000)?.max(MIN_INTERVAL_MS);
     let Some(ws) = ws else {
-        // Milliseconds of work at 10k flows: off the runtime's workers, which relay.
-        let source = state.clone();
-        let body = tokio::task::spawn_blocking(move || {
-            snapshot::snapshot(&source.registry, &source.rates.speeds)
-        })
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("snapshot: {e}")))?;
+        let body = fresh(state.clone())
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("snapshot: {e}")))?;
         return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
     };
     let source = state.clone();
-    let now =
-        move || -> Utf8Bytes { snapshot::snapshot(&source.registry, &source.rates.speeds).into() };
+    // A frame that cannot be made (the runtime shutting down) is sent empty.
+    let now = move || {
+        let source = source.clone();
+        async move { Utf8Bytes::from(fresh(source).await.unwrap_or_default()) }
+    };
     if interval != SAMPLED_MS {
         // Its own pace: its own reads (each a batch read of the kernel's maps, no lock the
         // relay takes).
@@ -72,14 +71,29 @@ pub(super) async fn list(
         return Ok(streams::websocket(&state, ws, frames));
     }
     // The sampler's pace: one frame now, then the sampler's, serialized once for everyone.
-    let shared = state.rates.connections.subscribe();
-    let first = stream::once(std::future::ready(now()));
+    // The first is the sampler's last when it is from this tick (twenty dashboards opening
+    // at once cost one frame, not twenty), else made once the upgrade is answered.
+    let mut shared = state.rates.connections.subscribe();
+    let (made, last) = shared.borrow_and_update().clone();
+    let first = stream::once(async move {
+        match made {
+            Some(at) if at.elapsed() < Duration::from_millis(SAMPLED_MS) => last,
+            _ => now().await,
+        }
+    });
     let rest = stream::unfold(shared, |mut rx| async move {
         rx.changed().await.ok()?;
-        let frame = rx.borrow_and_update().clone();
+        let frame = rx.borrow_and_update().1.clone();
         Some((frame, rx))
     });
     Ok(streams::websocket(&state, ws, first.chain(rest)))
+}
+
+/// `/connections` now, made on a blocking thread: milliseconds of work at 10k flows, kept
+/// off the runtime's workers, which relay.
+async fn fresh(state: Arc<ApiState>) -> Result<String, tokio::task::JoinError> {
+    tokio::task::spawn_blocking(move || snapshot::snapshot(&state.registry, &state.rates.speeds))
+        .await
 }
 
 #[derive(Debug, Deserialize)]

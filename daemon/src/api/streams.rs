@@ -106,9 +106,9 @@ fn respond(
 }
 
 /// `make()` at once, then every `period`.
-pub(super) fn every<T: Send + 'static>(
+pub(super) fn every<T: Send + 'static, F: Future<Output = T> + Send>(
     period: Duration,
-    make: impl Fn() -> T + Send + 'static,
+    make: impl Fn() -> F + Send + 'static,
 ) -> impl Stream<Item = T> + Send + 'static {
     stream::unfold(
         (None::<tokio::time::Interval>, make),
@@ -122,7 +122,7 @@ pub(super) fn every<T: Send + 'static>(
                 }
             };
             tick.tick().await;
-            let frame = make();
+            let frame = make().await;
             Some((frame, (Some(tick), make)))
         },
     )
@@ -147,7 +147,9 @@ pub(super) async fn memory(State(state): State<Arc<ApiState>>, ws: MaybeWs) -> R
     let switch = state.pipeline.killswitch.clone();
     let frames = every(Duration::from_secs(1), move || {
         // mihomo always says 0; tpacct gives the kill switch's limit (0: off).
-        serde_json::json!({ "inuse": speed::rss(), "oslimit": switch.limit_now() }).to_string()
+        std::future::ready(
+            serde_json::json!({ "inuse": speed::rss(), "oslimit": switch.limit_now() }).to_string(),
+        )
     });
     respond(&state, ws, frames)
 }

@@ -97,6 +97,7 @@ pub fn client_main(kind: &str, addr: &str, arg: &str) -> Result<()> {
     let n: u64 = arg.parse().context("count")?;
     let (proxy, target) = addr.split_once('@').unwrap_or(("", addr));
     match kind {
+        "ws" => println!("{}", super::ws::follow(addr, n)?),
         "socks-stream" => {
             let mut c = socks5(proxy, target)?;
             let chunk = vec![0x5au8; 256 * 1024];

@@ -26,6 +26,7 @@ mod profile;
 mod report;
 mod routing;
 mod workloads;
+mod ws;
 
 pub use clients::{client_main, serve, sink};
 pub use contenders::Contender;

@@ -3,7 +3,7 @@
 use super::{Durations, Samples, contenders::Contender, open_files_limit};
 
 /// Workloads in report order: (key, description, unit, higher is better).
-pub(super) const METRICS: [(&str, &str, &str, bool); 15] = [
+pub(super) const METRICS: [(&str, &str, &str, bool); 16] = [
     ("tput1", "TCP throughput, 1 stream", "Gbit/s", true),
     ("tput8", "TCP throughput, 8 streams", "Gbit/s", true),
     ("cpu1", "gateway CPU per GB, 1 stream", "CPU s/GB", false),
@@ -56,6 +56,12 @@ pub(super) const METRICS: [(&str, &str, &str, bool); 15] = [
         "metrics_large",
         "GET /metrics (scale run, large)",
         "ms",
+        false,
+    ),
+    (
+        "ws_cpu_large",
+        "CPU with 20 WebSockets following /connections (scale run, large)",
+        "% of a core",
         false,
     ),
     ("rounds", "rounds", "", true),

@@ -123,21 +123,18 @@ pub(super) fn measure(run: &Run<'_>, samples: &mut Samples) -> Result<()> {
     ) {
         // mihomo has no /metrics.
         let metrics = who != Contender::Mihomo;
-        for (n, rss_key, api_key, metrics_key, profile) in [
-            (d.scale.0, "rss_small", "api_small", "metrics_small", None),
-            (
-                d.scale.1,
-                "rss_large",
-                "api_large",
-                "metrics_large",
-                run.profile,
-            ),
+        for (n, rss_key, api_key, metrics_key, large) in [
+            (d.scale.0, "rss_small", "api_small", "metrics_small", false),
+            (d.scale.1, "rss_large", "api_large", "metrics_large", true),
         ] {
-            let (per_connection, api_ms, metrics_ms) = scale(topo, me, pid, n, metrics, profile)?;
-            samples.add(rss_key, who, per_connection);
-            samples.add(api_key, who, api_ms);
-            if let Some(ms) = metrics_ms {
+            let s = scale(topo, me, pid, n, metrics, large.then_some(run.profile))?;
+            samples.add(rss_key, who, s.per_connection);
+            samples.add(api_key, who, s.connections_ms);
+            if let Some(ms) = s.metrics_ms {
                 samples.add(metrics_key, who, ms);
+            }
+            if let Some(cpu) = s.ws_cpu {
+                samples.add("ws_cpu_large", who, cpu);
             }
         }
     }
@@ -223,17 +220,31 @@ fn api_ms(topo: &Topology, path: &str) -> Result<f64> {
     Ok(median_min_max(&times).0)
 }
 
-/// Holds `n` idle connections through the gateway: (RSS growth per connection in bytes,
-/// median milliseconds for the gateway's `GET /connections`, and for `GET /metrics` when
-/// `metrics`). With `profile`, the gateway is recorded while it answers `/connections`.
+/// What the scale run measured.
+struct Scale {
+    /// RSS growth per held connection, bytes.
+    per_connection: f64,
+    /// Median milliseconds for the gateway's `GET /connections`, and `GET /metrics`.
+    connections_ms: f64,
+    metrics_ms: Option<f64>,
+    /// The gateway's CPU, percent of one core, while WebSocket clients follow `/connections`.
+    ws_cpu: Option<f64>,
+}
+
+/// How long the WebSocket followers follow.
+const WS_SECS: u64 = 6;
+
+/// Holds `n` idle connections through the gateway and measures it ([`Scale`]); `/metrics`
+/// when `metrics`. With `large`, also [`super::ws::CLIENTS`] WebSocket followers, and a
+/// profile while it answers `/connections` when `large` holds a directory for one.
 fn scale(
     topo: &Topology,
     me: &Path,
     pid: u32,
     n: usize,
     metrics: bool,
-    profile: Option<&Path>,
-) -> Result<(f64, f64, Option<f64>)> {
+    large: Option<Option<&Path>>,
+) -> Result<Scale> {
     let open_fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     let baseline = open_fds();
     let before = rss_bytes(pid).context("gateway RSS")?;
@@ -252,7 +263,8 @@ fn scale(
     // Let the gateway finish accepting and dialing.
     std::thread::sleep(Duration::from_millis(500 + n as u64 / 20));
     let after = rss_bytes(pid).context("gateway RSS")?;
-    let recording = profile
+    let recording = large
+        .flatten()
         .map(|dir| profile::start(pid, dir, "connections"))
         .transpose()?;
     let connections = api_ms(topo, "/connections")?;
@@ -264,17 +276,45 @@ fn scale(
     } else {
         None
     };
+    let ws_cpu = match large {
+        Some(_) => Some(followed_cpu(topo, me, pid)?),
+        None => None,
+    };
     // Release the connections and let the gateway drain before the next run.
     drop(holder);
     let deadline = Instant::now() + Duration::from_secs(30);
     while open_fds() > baseline + 64 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    Ok((
-        (after - before).max(0.0) / n as f64,
-        connections,
+    Ok(Scale {
+        per_connection: (after - before).max(0.0) / n as f64,
+        connections_ms: connections,
         metrics_ms,
-    ))
+        ws_cpu,
+    })
+}
+
+/// The gateway's CPU (percent of one core) while WebSocket clients follow `/connections`.
+fn followed_cpu(topo: &Topology, me: &Path, pid: u32) -> Result<f64> {
+    let before = cpu_seconds(pid).context("gateway CPU")?;
+    let started = Instant::now();
+    let out = Topology::exec(&topo.gateway, me)
+        .args(["bench-client", "ws", "127.0.0.1:9090", &WS_SECS.to_string()])
+        .output()
+        .context("WebSocket followers")?;
+    let secs = started.elapsed().as_secs_f64();
+    let after = cpu_seconds(pid).context("gateway CPU")?;
+    let frames: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    if !out.status.success() || frames == 0 {
+        bail!(
+            "WebSocket followers got {frames} frames: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok((after - before) / secs * 100.0)
 }
 
 /// (bits per second received, bytes received) from iperf3's JSON.
