@@ -70,6 +70,9 @@ pub struct Rates {
     /// `/connections` as JSON, serialized once per tick while someone subscribes (the
     /// WebSockets at the default interval): every client sends the same bytes.
     pub connections: Arc<watch::Sender<Frame>>,
+    /// The last first frame made for a WebSocket that found no frame of this tick: clients
+    /// connecting together wait on the one being made instead of each making their own.
+    pub first: Arc<tokio::sync::Mutex<Frame>>,
 }
 
 /// Samples `registry` once a second until `cancel`.
@@ -89,6 +92,7 @@ pub fn start(
         speeds: speeds.clone(),
         traffic: rx,
         connections: connections.clone(),
+        first: Arc::default(),
     };
     let task = async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));

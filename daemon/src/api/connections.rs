@@ -17,7 +17,7 @@ use super::{
     ApiError, ApiState,
     streams::{self, MaybeWs},
 };
-use crate::snapshot;
+use crate::{snapshot, speed};
 
 /// WebSocket pushes no faster than this.
 const MIN_INTERVAL_MS: u64 = 100;
@@ -71,22 +71,38 @@ pub(super) async fn list(
         return Ok(streams::websocket(&state, ws, frames));
     }
     // The sampler's pace: one frame now, then the sampler's, serialized once for everyone.
-    // The first is the sampler's last when it is from this tick (twenty dashboards opening
-    // at once cost one frame, not twenty), else made once the upgrade is answered.
     let mut shared = state.rates.connections.subscribe();
-    let (made, last) = shared.borrow_and_update().clone();
-    let first = stream::once(async move {
-        match made {
-            Some(at) if at.elapsed() < Duration::from_millis(SAMPLED_MS) => last,
-            _ => now().await,
-        }
-    });
+    let last = shared.borrow_and_update().clone();
+    let first = stream::once(first_frame(state.clone(), last, now));
     let rest = stream::unfold(shared, |mut rx| async move {
         rx.changed().await.ok()?;
         let frame = rx.borrow_and_update().1.clone();
         Some((frame, rx))
     });
     Ok(streams::websocket(&state, ws, first.chain(rest)))
+}
+
+/// A WebSocket's first frame at the sampler's pace: the sampler's `last` when it is from this
+/// tick, else the one another client made within the tick, else made now (once the upgrade
+/// is answered). Twenty dashboards opening at once cost one frame, not twenty.
+async fn first_frame<F: Future<Output = Utf8Bytes>>(
+    state: Arc<ApiState>,
+    last: speed::Frame,
+    make: impl Fn() -> F,
+) -> Utf8Bytes {
+    let this_tick = |frame: &speed::Frame| {
+        frame
+            .0
+            .is_some_and(|at| at.elapsed() < Duration::from_millis(SAMPLED_MS))
+    };
+    if this_tick(&last) {
+        return last.1;
+    }
+    let mut made = state.rates.first.lock().await;
+    if !this_tick(&made) {
+        *made = (Some(std::time::Instant::now()), make().await);
+    }
+    made.1.clone()
 }
 
 /// `/connections` now, made on a blocking thread: milliseconds of work at 10k flows, kept

@@ -60,7 +60,7 @@ pub(super) const METRICS: [(&str, &str, &str, bool); 16] = [
     ),
     (
         "ws_cpu_large",
-        "CPU with 20 WebSockets following /connections (scale run, large)",
+        "CPU while 20 WebSockets follow /connections (scale run, large)",
         "% of a core",
         false,
     ),

@@ -231,8 +231,10 @@ struct Scale {
     ws_cpu: Option<f64>,
 }
 
-/// How long the WebSocket followers follow.
+/// How long the WebSocket followers follow while measured, after connecting and their first
+/// frames.
 const WS_SECS: u64 = 6;
+const WS_WARMUP: u64 = 2;
 
 /// Holds `n` idle connections through the gateway and measures it ([`Scale`]); `/metrics`
 /// when `metrics`. With `large`, also [`super::ws::CLIENTS`] WebSocket followers, and a
@@ -294,14 +296,20 @@ fn scale(
     })
 }
 
-/// The gateway's CPU (percent of one core) while WebSocket clients follow `/connections`.
+/// The gateway's CPU (percent of one core) while WebSocket clients follow `/connections`,
+/// from [`WS_WARMUP`] after they start (connected, first frames sent) until they end.
 fn followed_cpu(topo: &Topology, me: &Path, pid: u32) -> Result<f64> {
+    let follow = (WS_WARMUP + WS_SECS).to_string();
+    let followers = Topology::exec(&topo.gateway, me)
+        .args(["bench-client", "ws", "127.0.0.1:9090", &follow])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("WebSocket followers")?;
+    std::thread::sleep(Duration::from_secs(WS_WARMUP));
     let before = cpu_seconds(pid).context("gateway CPU")?;
     let started = Instant::now();
-    let out = Topology::exec(&topo.gateway, me)
-        .args(["bench-client", "ws", "127.0.0.1:9090", &WS_SECS.to_string()])
-        .output()
-        .context("WebSocket followers")?;
+    let out = followers.wait_with_output()?;
     let secs = started.elapsed().as_secs_f64();
     let after = cpu_seconds(pid).context("gateway CPU")?;
     let frames: u64 = String::from_utf8_lossy(&out.stdout)
