@@ -24,7 +24,7 @@ pub(super) const METRICS: [(&str, &str, &str, bool); 16] = [
     ("rr_p99", "request/response latency p99", "µs", false),
     (
         "rss_small",
-        "RSS per idle connection (scale run, small)",
+        "RSS per idle connection (slope, half to all held, small)",
         "bytes",
         false,
     ),
@@ -42,7 +42,7 @@ pub(super) const METRICS: [(&str, &str, &str, bool); 16] = [
     ),
     (
         "rss_large",
-        "RSS per idle connection (scale run, large)",
+        "RSS per idle connection (slope, half to all held, large)",
         "bytes",
         false,
     ),

@@ -222,7 +222,7 @@ fn api_ms(topo: &Topology, path: &str) -> Result<f64> {
 
 /// What the scale run measured.
 struct Scale {
-    /// RSS growth per held connection, bytes.
+    /// RSS growth per held connection between half and all held, bytes.
     per_connection: f64,
     /// Median milliseconds for the gateway's `GET /connections`, and `GET /metrics`.
     connections_ms: f64,
@@ -249,21 +249,14 @@ fn scale(
 ) -> Result<Scale> {
     let open_fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     let baseline = open_fds();
-    let before = rss_bytes(pid).context("gateway RSS")?;
     let target = format!("{}:{SINK_PORT}", topo.server_ip());
-    let mut holder = Topology::exec(&topo.client, me)
-        .args(["bench-client", "hold", &target, &n.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("holding client")?;
-    let mut line = String::new();
-    BufReader::new(holder.stdout.take().context("holder stdout")?).read_line(&mut line)?;
-    let holder = Children(vec![holder]);
-    if line.trim() != n.to_string() {
-        bail!("holding client opened {} of {n} connections", line.trim());
-    }
-    // Let the gateway finish accepting and dialing.
-    std::thread::sleep(Duration::from_millis(500 + n as u64 / 20));
+    // Two halves, RSS after each: the slope between them is what one more connection costs,
+    // whatever the allocator kept from earlier workloads (freed buffers it hands out again
+    // would hide part of the first half's cost).
+    let (first, second) = (n - n / 2, n / 2);
+    let mut holders = Children(vec![hold(topo, me, &target, first)?]);
+    let half = rss_bytes(pid).context("gateway RSS")?;
+    holders.0.push(hold(topo, me, &target, second)?);
     let after = rss_bytes(pid).context("gateway RSS")?;
     let recording = large
         .flatten()
@@ -283,17 +276,36 @@ fn scale(
         None => None,
     };
     // Release the connections and let the gateway drain before the next run.
-    drop(holder);
+    drop(holders);
     let deadline = Instant::now() + Duration::from_secs(30);
     while open_fds() > baseline + 64 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(Scale {
-        per_connection: (after - before).max(0.0) / n as f64,
+        per_connection: (after - half).max(0.0) / second as f64,
         connections_ms: connections,
         metrics_ms,
         ws_cpu,
     })
+}
+
+/// `n` more idle connections held through the gateway, once it has accepted and dialed them.
+fn hold(topo: &Topology, me: &Path, target: &str, n: usize) -> Result<std::process::Child> {
+    let mut holder = Topology::exec(&topo.client, me)
+        .args(["bench-client", "hold", target, &n.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("holding client")?;
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().context("holder stdout")?).read_line(&mut line)?;
+    if line.trim() != n.to_string() {
+        let _ = holder.kill();
+        let _ = holder.wait();
+        bail!("holding client opened {} of {n} connections", line.trim());
+    }
+    // Let the gateway finish accepting and dialing.
+    std::thread::sleep(Duration::from_millis(500 + n as u64 / 20));
+    Ok(holder)
 }
 
 /// The gateway's CPU (percent of one core) while WebSocket clients follow `/connections`,
