@@ -199,6 +199,9 @@ fn api_ms(topo: &Topology, path: &str) -> Result<f64> {
         let out = Topology::exec(&topo.gateway, Path::new("curl"))
             .args([
                 "-sf",
+                // A contender that stops answering fails the workload instead of hanging it.
+                "--max-time",
+                "30",
                 "-H",
                 "Authorization: Bearer bench",
                 "-o",
@@ -249,6 +252,18 @@ fn scale(
 ) -> Result<Scale> {
     let open_fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     let baseline = open_fds();
+    // Two descriptors per held connection must fit beside what the contender still has open
+    // (mihomo closes released connections lazily): more would leave it out of descriptors,
+    // refusing even its API.
+    let room = open_files_limit(pid).map_or(n, |limit| {
+        limit.saturating_sub(baseline as u64 + 512) as usize / 2
+    });
+    if room < n {
+        eprintln!(
+            "bench: scale run of {n} connections capped at {room}: the gateway has {baseline} descriptors open"
+        );
+    }
+    let n = n.min(room);
     let target = format!("{}:{SINK_PORT}", topo.server_ip());
     // Two halves, RSS after each: the slope between them is what one more connection costs,
     // whatever the allocator kept from earlier workloads (freed buffers it hands out again
@@ -287,6 +302,13 @@ fn scale(
         metrics_ms,
         ws_cpu,
     })
+}
+
+/// The soft open-files limit of process `pid`.
+fn open_files_limit(pid: u32) -> Option<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
 }
 
 /// `n` more idle connections held through the gateway, once it has accepted and dialed them.

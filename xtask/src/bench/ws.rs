@@ -35,7 +35,10 @@ fn one(addr: &str, until: Instant) -> Result<u64> {
     request
         .headers_mut()
         .insert("Authorization", HeaderValue::from_static("Bearer bench"));
-    let stream = TcpStream::connect(addr).context("API")?;
+    let stream =
+        TcpStream::connect_timeout(&addr.parse()?, Duration::from_secs(10)).context("API")?;
+    // A contender that stops answering fails the workload instead of hanging it.
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let (mut ws, _) = tungstenite::client(request, stream).context("WebSocket handshake")?;
     // Wakes the reader at least every 200 ms to look at the clock.
     ws.get_ref()
