@@ -34,12 +34,8 @@ pub struct Speeds {
 }
 
 impl Speeds {
-    /// Bytes per second over the last second (zero for a flow younger than a sample).
-    pub fn of(&self, id: &Uuid) -> Traffic {
-        self.flows.load().get(id).map(|e| e.1).unwrap_or_default()
-    }
-
-    /// Every flow's, at once (for reading many: one load instead of one per flow).
+    /// Every flow's bytes per second over the last second (a flow younger than a sample is
+    /// absent), loaded once for reading many.
     pub fn all(&self) -> Arc<Samples> {
         self.flows.load_full()
     }
