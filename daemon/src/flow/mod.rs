@@ -2,6 +2,8 @@
 //! whole life (track → register → sniff → route → dial → relay → finish), with a guard that
 //! finishes it exactly once even on a panic or an early return.
 
+mod answer;
+mod finisher;
 pub mod pipeline;
 
 use std::{

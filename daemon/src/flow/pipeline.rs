@@ -3,6 +3,8 @@
 //! everything after is here, the same for every inbound. A [`Finisher`] guard finishes the
 //! flow exactly once, also when the task returns early or panics.
 
+pub use super::{answer::Answer, answer::Transparent, finisher::Finisher};
+
 use std::{
     future::Future,
     io,
@@ -11,12 +13,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::{FutureExt, future::OptionFuture};
 use tokio::net::TcpStream;
 
 use super::{DnsMode, Flow, FlowMeta, Leg, RouteInfo};
 use crate::{
     config::TcpSniff,
-    outbound::{self, Kind, Target, Upstream},
+    outbound::{self, Active, Kind, Target, Upstream},
     registry::Registry,
     relay,
     route::{
@@ -31,71 +34,15 @@ const DROP_HOLD: Duration = Duration::from_secs(30);
 /// TCP flows to this port carry DNS (their answers are learned like UDP ones).
 const DNS_PORT: u16 = 53;
 
-/// Finishes its flow when dropped (spawning the wait for the final totals).
+/// A flow ready to relay: both ends open, the client answered.
 #[derive(Debug)]
-pub struct Finisher {
-    flow: Option<Arc<Flow>>,
-    registry: Arc<Registry>,
-}
-
-impl Finisher {
-    pub fn new(flow: Arc<Flow>, registry: Arc<Registry>) -> Finisher {
-        Finisher {
-            flow: Some(flow),
-            registry,
-        }
-    }
-
-    /// Finishes now (the sockets must be closed already).
-    pub async fn finish(mut self) {
-        if let Some(flow) = self.flow.take() {
-            self.registry.finish(flow).await;
-        }
-    }
-}
-
-impl Drop for Finisher {
-    fn drop(&mut self) {
-        if let Some(flow) = self.flow.take() {
-            let registry = self.registry.clone();
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move { registry.finish(flow).await });
-            }
-        }
-    }
-}
-
-/// The part of a proxy protocol's handshake that follows routing: telling the client whether
-/// its tunnel is open. TPROXY has none.
-pub trait Answer: Send {
-    /// Whether the client waits for the answer before sending anything (then sniffing, which
-    /// needs the client's first bytes, must answer first).
-    fn waits(&self) -> bool;
-
-    /// Tells the client the outcome; returns the bytes written (handshake, not payload).
-    fn answer(
-        &mut self,
-        client: &mut TcpStream,
-        outcome: Result<(), &outbound::Error>,
-    ) -> impl Future<Output = io::Result<u64>> + Send;
-}
-
-/// TPROXY: the client never knew there was a proxy.
-#[derive(Debug)]
-pub struct Transparent;
-
-impl Answer for Transparent {
-    fn waits(&self) -> bool {
-        false
-    }
-
-    async fn answer(
-        &mut self,
-        _: &mut TcpStream,
-        _: Result<(), &outbound::Error>,
-    ) -> io::Result<u64> {
-        Ok(0)
-    }
+struct Ready {
+    client: TcpStream,
+    upstream: Upstream,
+    flow: Arc<Flow>,
+    finisher: Finisher,
+    /// Counts the flow in its leaf's active flows while it lasts.
+    _active: Active,
 }
 
 /// What every flow needs from the daemon.
@@ -114,25 +61,55 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Runs one TCP flow from an accepted `client` to its end. `handshake` is what the inbound
-    /// already read and wrote on the socket (not payload).
-    pub async fn tcp<A: Answer>(
+    /// One TCP flow from an accepted `client` to its end, as a future to spawn. `handshake` is
+    /// what the inbound already read and wrote on the socket (not payload).
+    ///
+    /// A task's future is as large as its largest state, and keeps its arguments for its whole
+    /// life: an idle flow would carry the space of sniffing, routing and dialling, and its
+    /// arguments twice, for as long as it lasts. So everything before relaying runs in its own
+    /// allocation, made here and freed when the relay starts, and the returned future holds
+    /// only that box and then the relay.
+    pub fn tcp<A: Answer + 'static>(
+        self: &Arc<Self>,
+        client: TcpStream,
+        meta: FlowMeta,
+        handshake: (u64, u64),
+        answer: A,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let this = self.clone();
+        #[expect(
+            clippy::async_yields_async,
+            reason = "the relay is the output: flattened in place of the box"
+        )]
+        let prepare = Box::pin(async move {
+            let ready = this.prepare(client, meta, handshake, answer).await;
+            OptionFuture::from(ready.map(|r| relay(this, r)))
+        });
+        // The box, then the relay in its place (an `async` block awaiting either would keep
+        // both).
+        prepare.flatten().map(drop)
+    }
+
+    /// Everything before relaying: admission, tracking, registration, naming, routing, the
+    /// dial and the client's answer. `None` when the flow ended (and was finished) before
+    /// relaying.
+    async fn prepare<A: Answer>(
         self: &Arc<Self>,
         mut client: TcpStream,
         meta: FlowMeta,
         handshake: (u64, u64),
         mut answer: A,
-    ) {
+    ) -> Option<Ready> {
         if !self.admit() {
             // Reset, not a graceful close: the client learns at once, nothing is registered.
             crate::relay::reset(&client);
-            return;
+            return None;
         }
         let tracked = match self.registry.accounting().track(&client) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!("{} → {:?}: {e}", meta.source, meta.destination());
-                return;
+                return None;
             }
         };
         let flow = self.registry.open(meta, tracked, Leg::Client);
@@ -145,7 +122,10 @@ impl Pipeline {
             // The client sends nothing before it hears back: answer first, as mihomo does.
             match answer.answer(&mut client, Ok(())).await {
                 Ok(n) => flow.skip_handshake(0, n),
-                Err(_) => return finisher.finish().await,
+                Err(_) => {
+                    finisher.finish().await;
+                    return None;
+                }
             }
             answered = true;
         }
@@ -188,9 +168,31 @@ impl Pipeline {
             chains: route.chains.clone(),
         });
         let target = target(&flow, &routing);
-        self.connect(client, &flow, &route, &routing, target, answer, answered)
+        let dialed = self
+            .connect(
+                &mut client,
+                &flow,
+                &route,
+                &routing,
+                target,
+                answer,
+                answered,
+            )
             .await;
-        finisher.finish().await;
+        match dialed {
+            Some((upstream, active)) => Some(Ready {
+                client,
+                upstream,
+                flow,
+                finisher,
+                _active: active,
+            }),
+            None => {
+                drop(client);
+                finisher.finish().await;
+                None
+            }
+        }
     }
 
     /// Registers a flow that shares its socket with others (one request of a keep-alive HTTP
@@ -237,18 +239,19 @@ impl Pipeline {
         }
     }
 
-    /// Dials and relays; every socket is closed when this returns.
+    /// Dials and answers the client; the upstream when the flow goes on to relay (else the
+    /// client is marked for a reset, or was held by REJECT-DROP).
     #[allow(clippy::too_many_arguments)]
     async fn connect<A: Answer>(
         &self,
-        mut client: TcpStream,
+        client: &mut TcpStream,
         flow: &Flow,
         route: &Route,
         routing: &Routing,
         target: Option<Target>,
         mut answer: A,
         answered: bool,
-    ) {
+    ) -> Option<(Upstream, Active)> {
         let leaf = &route.leaf;
         let refused = |e: outbound::Error| e;
         let dialed = match (&leaf.kind, target) {
@@ -260,7 +263,7 @@ impl Pipeline {
                     () = flow.close_token().cancelled() => {}
                     () = tokio::time::sleep(DROP_HOLD) => {}
                 }
-                return;
+                return None;
             }
             (_, None) => Err(refused(outbound::Error::Resolve(
                 "the flow".into(),
@@ -271,8 +274,8 @@ impl Pipeline {
                 let r = tokio::select! {
                     r = routing.outbounds.connect(&route.chains, leaf, &target) => r,
                     () = flow.close_token().cancelled() => {
-                        relay::reset(&client);
-                        return;
+                        relay::reset(client);
+                        return None;
                     }
                 };
                 let result = r.as_ref().map(|_| ());
@@ -281,53 +284,27 @@ impl Pipeline {
                 r
             }
         };
-        let (upstream, _active) = match dialed {
+        let (upstream, active) = match dialed {
             Ok(u) => u,
             Err(e) => {
                 tracing::debug!("{} {} → {}: {e}", flow.id, flow.meta.source, chain(route));
-                if !answered && let Ok(n) = answer.answer(&mut client, Err(&e)).await {
+                if !answered && let Ok(n) = answer.answer(client, Err(&e)).await {
                     flow.skip_handshake(0, n);
                 }
-                relay::reset(&client);
-                return;
+                relay::reset(client);
+                return None;
             }
         };
         if let Some(addr) = upstream.peer_addr() {
             flow.set_dialed(addr);
         }
         if !answered {
-            match answer.answer(&mut client, Ok(())).await {
+            match answer.answer(client, Ok(())).await {
                 Ok(n) => flow.skip_handshake(0, n),
-                Err(_) => return,
+                Err(_) => return None,
             }
         }
-        let opts = relay::Options {
-            client_meter: flow.meter().clone(),
-            cancel: flow.close_token().clone(),
-            idle: self.tcp_idle,
-            activity: || {
-                let t = self.registry.traffic(flow);
-                t.upload + t.download
-            },
-        };
-        // DNS over TCP is copied through user space so its answers can name later flows.
-        let dns =
-            (flow.meta.destination_port == DNS_PORT).then(|| TcpAnswers::new(self.dns.clone()));
-        let end = match (upstream, dns) {
-            (Upstream::Tcp(up), None) => relay::tcp(&client, &up, opts).await,
-            (Upstream::Boxed(mut up), None) => relay::copy(&mut client, &mut up, opts).await,
-            // Either kind of upstream: `Upstream` is itself a byte stream.
-            (up, Some(mut answers)) => {
-                let mut up = relay::Tap::new(up, |b: &[u8]| answers.feed(b));
-                relay::copy(&mut client, &mut up, opts).await
-            }
-        };
-        tracing::debug!(
-            "{} {} → {}: {end:?}",
-            flow.id,
-            flow.meta.source,
-            chain(route)
-        );
+        Some((upstream, active))
     }
 
     /// Which sniffers look at this flow (mihomo's rules for when to sniff).
@@ -374,6 +351,52 @@ impl Pipeline {
         {
             flow.set_host(name, DnsMode::Mapping);
         }
+    }
+}
+
+/// Relays a dialled flow to its end, then finishes it. Only the relay's own state lives
+/// here, for as long as the connection does: the parts of `ready` are used in place.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a second copy of its arguments for its whole life"
+)]
+fn relay(this: Arc<Pipeline>, mut ready: Ready) -> impl Future<Output = ()> + Send {
+    async move {
+        let flow = &ready.flow;
+        let opts = relay::Options {
+            client_meter: flow.meter().clone(),
+            cancel: flow.close_token().clone(),
+            idle: this.tcp_idle,
+            activity: || {
+                let t = this.registry.traffic(flow);
+                t.upload + t.download
+            },
+        };
+        let client = &mut ready.client;
+        // DNS over TCP is copied through user space so its answers can name later flows. The
+        // copying relays (rarer, and larger) are boxed to keep the splice relay's state small.
+        let end = match &mut ready.upstream {
+            up if flow.meta.destination_port == DNS_PORT => {
+                let mut answers = TcpAnswers::new(this.dns.clone());
+                let copy = Box::pin(async move {
+                    // Either kind of upstream: `Upstream` is itself a byte stream.
+                    let mut up = relay::Tap::new(up, |b: &[u8]| answers.feed(b));
+                    relay::copy(client, &mut up, opts).await
+                });
+                copy.await
+            }
+            Upstream::Tcp(up) => relay::tcp(client, up, opts).await,
+            Upstream::Boxed(up) => {
+                let copy = Box::pin(relay::copy(client, up, opts));
+                copy.await
+            }
+        };
+        tracing::debug!("{} {}: {end:?}", flow.id, flow.meta.source);
+        let Ready {
+            client, finisher, ..
+        } = ready;
+        drop(client);
+        finisher.finish().await;
     }
 }
 

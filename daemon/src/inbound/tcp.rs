@@ -8,6 +8,7 @@ use std::{
     time::Duration,
 };
 
+use futures_util::FutureExt;
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::Semaphore,
@@ -52,11 +53,10 @@ pub(super) async fn serve(
         };
         match accepted {
             Ok((client, source)) => {
-                let shared = shared.clone();
-                tracker.spawn(async move {
-                    handle(client, source, inbound, &shared).await;
-                    drop(permit);
-                });
+                if let Some(flow) = handle(client, source, inbound, &shared) {
+                    // Mapped, not awaited in a block, which would hold the flow twice.
+                    tracker.spawn(flow.map(move |()| drop(permit)));
+                }
             }
             Err(e) if is_out_of_fds(&e) => {
                 tracing::warn!("tproxy tcp: accept: {e}; pausing {FD_BACKOFF:?}");
@@ -71,14 +71,18 @@ fn is_out_of_fds(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
 }
 
-async fn handle(client: TcpStream, source: SocketAddr, inbound: SocketAddr, shared: &Shared) {
-    let Ok(destination) = client.local_addr() else {
-        return;
-    };
+/// Describes an accepted connection; the flow to spawn, unless it is refused.
+fn handle(
+    client: TcpStream,
+    source: SocketAddr,
+    inbound: SocketAddr,
+    shared: &Shared,
+) -> Option<impl Future<Output = ()> + Send + 'static> {
+    let destination = client.local_addr().ok()?;
     if is_self(destination, shared.port) {
         tracing::debug!("tproxy tcp: {source} connected to the proxy port itself; refused");
         relay::reset(&client);
-        return;
+        return None;
     }
     let meta = FlowMeta {
         network: Network::Tcp,
@@ -92,7 +96,7 @@ async fn handle(client: TcpStream, source: SocketAddr, inbound: SocketAddr, shar
         inbound: shared.inbound_for(source, inbound),
         inbound_user: None,
     };
-    shared.pipeline.tcp(client, meta, (0, 0), Transparent).await;
+    Some(shared.pipeline.tcp(client, meta, (0, 0), Transparent))
 }
 
 /// A connection made to the proxy port of this host itself (not redirected): relaying it

@@ -9,14 +9,14 @@ mod tap;
 pub use copy::copy;
 pub use tap::Tap;
 
-use std::{io, time::Duration};
+use std::{future::Future, io, task::Poll, time::Duration};
 
 use socket2::SockRef;
-use tokio::{io::Interest, net::TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::accounting::Meter;
-use splice::Pipe;
+use splice::{Direction, Failed};
 
 /// How a relayed connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,59 +47,73 @@ pub struct Options<A> {
     pub activity: A,
 }
 
-#[derive(Debug)]
-enum PumpError {
-    Read(io::Error),
-    Write(io::Error),
-}
-
 /// Relays between `client` and `upstream` with splice until both directions end, either side
 /// fails, the idle timeout passes, or `opts.cancel` fires. The caller drops the sockets
 /// afterwards (a side marked by [`reset`] then sends its reset).
-pub async fn tcp<A: Fn() -> u64>(
-    client: &TcpStream,
-    upstream: &TcpStream,
+///
+/// One poll function drives both directions from the sockets' own readiness slots, so an idle
+/// relay holds two small [`Direction`]s, the cancellation and the idle timer: no wait-list
+/// entries per direction.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a second copy of its arguments for its whole life"
+)]
+pub fn tcp<'a, A: Fn() -> u64 + 'a>(
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
     opts: Options<A>,
-) -> End {
-    let no_meter = Meter::default();
-    let up = pump(client, upstream, &opts.client_meter, &no_meter);
-    let down = pump(upstream, client, &no_meter, &opts.client_meter);
-    tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (false, false);
-    let idle = idle_watch(opts.idle, &opts.activity);
-    tokio::pin!(idle);
-    loop {
-        tokio::select! {
-            r = &mut up, if !up_done => match r {
-                Ok(()) => {
-                    up_done = true;
-                    let _ = SockRef::from(upstream).shutdown(std::net::Shutdown::Write);
+) -> impl Future<Output = End> + 'a {
+    async move {
+        let no_meter = Meter::default();
+        let (mut up, mut down) = (Direction::default(), Direction::default());
+        // Pinned where they are made: a moved future would take its space twice in this one.
+        let mut cancelled = std::pin::pin!(opts.cancel.cancelled());
+        let mut idle = std::pin::pin!(idle_watch(opts.idle, &opts.activity));
+        std::future::poll_fn(|cx| {
+            if !up.done() {
+                match up.poll(cx, client, upstream, &opts.client_meter, &no_meter) {
+                    Poll::Ready(Ok(())) => {
+                        let _ = SockRef::from(upstream).shutdown(std::net::Shutdown::Write);
+                    }
+                    Poll::Ready(Err(Failed::Read(e))) => {
+                        return Poll::Ready(failed(End::ClientReset, &e, client, upstream));
+                    }
+                    Poll::Ready(Err(Failed::Write(e))) => {
+                        return Poll::Ready(failed(End::UpstreamReset, &e, client, upstream));
+                    }
+                    Poll::Pending => {}
                 }
-                Err(PumpError::Read(e)) => return failed(End::ClientReset, &e, client, upstream),
-                Err(PumpError::Write(e)) => return failed(End::UpstreamReset, &e, client, upstream),
-            },
-            r = &mut down, if !down_done => match r {
-                Ok(()) => {
-                    down_done = true;
-                    let _ = SockRef::from(client).shutdown(std::net::Shutdown::Write);
+            }
+            if !down.done() {
+                match down.poll(cx, upstream, client, &no_meter, &opts.client_meter) {
+                    Poll::Ready(Ok(())) => {
+                        let _ = SockRef::from(client).shutdown(std::net::Shutdown::Write);
+                    }
+                    Poll::Ready(Err(Failed::Read(e))) => {
+                        return Poll::Ready(failed(End::UpstreamReset, &e, client, upstream));
+                    }
+                    Poll::Ready(Err(Failed::Write(e))) => {
+                        return Poll::Ready(failed(End::ClientReset, &e, client, upstream));
+                    }
+                    Poll::Pending => {}
                 }
-                Err(PumpError::Read(e)) => return failed(End::UpstreamReset, &e, client, upstream),
-                Err(PumpError::Write(e)) => return failed(End::ClientReset, &e, client, upstream),
-            },
-            () = opts.cancel.cancelled() => {
+            }
+            if up.done() && down.done() {
+                return Poll::Ready(End::Done);
+            }
+            if cancelled.as_mut().poll(cx).is_ready() {
                 // Closed on demand: both sides end now, unread and unsent data discarded.
                 reset(client);
                 reset(upstream);
-                return End::Closed;
+                return Poll::Ready(End::Closed);
             }
-            () = &mut idle => {
+            if idle.as_mut().poll(cx).is_ready() {
                 shutdown_both(client, upstream);
-                return End::Idle;
+                return Poll::Ready(End::Idle);
             }
-        }
-        if up_done && down_done {
-            return End::Done;
-        }
+            Poll::Pending
+        })
+        .await
     }
 }
 
@@ -130,59 +144,6 @@ pub(crate) async fn idle_watch(idle: Option<Duration>, activity: &impl Fn() -> u
             }
         } else {
             (last, quiet) = (now, Duration::ZERO);
-        }
-    }
-}
-
-/// Moves everything from `src` to `dst` until EOF on `src`. The pipe is made when the first
-/// bytes arrive, so an idle connection holds none.
-async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
-    read_meter: &Meter,
-    write_meter: &Meter,
-) -> Result<(), PumpError> {
-    // Readiness can be reported with nothing to read (seen with thousands of idle
-    // connections held at once): the pipe is made only once a byte or the end is there.
-    loop {
-        src.readable().await.map_err(PumpError::Read)?;
-        let mut byte = [std::mem::MaybeUninit::<u8>::uninit()];
-        match src.try_io(Interest::READABLE, || SockRef::from(src).peek(&mut byte)) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(PumpError::Read(e)),
-            Ok(0) => return Ok(()),
-            Ok(_) => break,
-        }
-    }
-    let pipe = Pipe::new().map_err(PumpError::Read)?;
-    loop {
-        let n = loop {
-            match src.try_io(Interest::READABLE, || pipe.fill(src, pipe.capacity)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    src.readable().await.map_err(PumpError::Read)?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                other => break other.map_err(PumpError::Read)?,
-            }
-        };
-        if n == 0 {
-            return Ok(());
-        }
-        read_meter.add_rx(n as u64);
-        let mut left = n;
-        while left > 0 {
-            match dst.try_io(Interest::WRITABLE, || pipe.drain(dst, left)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    dst.writable().await.map_err(PumpError::Write)?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(PumpError::Write(e)),
-                Ok(m) => {
-                    write_meter.add_tx(m as u64);
-                    left -= m;
-                }
-            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! 1,000 concurrent connections through TPROXY, then all closed: the registry and the
-//! process's open descriptors return to where they were. 3,000 idle connections hold two
-//! sockets each and no pipe.
+//! process's open descriptors return to where they were (but for the relay's bounded pools of
+//! empty pipes). 3,000 idle connections hold two sockets each and no pipe, also after bytes
+//! moved.
 
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,9 @@ use tokio::{
 use tpacct::config::AccountingMode;
 
 const CONNECTIONS: usize = 1000;
+/// Pipe descriptors the relay may keep pooled: 32 empty pipes (two descriptors each) per
+/// worker thread of the test gateway's two.
+const POOLED: usize = 2 * 32 * 2;
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -27,6 +31,7 @@ fn thousand_concurrent_connections_then_baseline() {
         |_| {},
         |topo, gw| {
             let before = crate::common::open_fds();
+            let pipes_before = pipes();
             let target = socket(SERVER4, 6000);
             // Server: echoes each connection's bytes until EOF.
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -76,6 +81,15 @@ fn thousand_concurrent_connections_then_baseline() {
             let totals = gw.registry.totals();
             assert_eq!(totals.upload, totals.download, "every byte echoed");
             assert_eq!(totals.upload, (CONNECTIONS * "hello 0000".len()) as u64);
+            // Every connection moved bytes both ways and is idle now: its pipes went back.
+            let during = pipes();
+            eprintln!(
+                "pipes: {pipes_before} before, {during} with {CONNECTIONS} idle after an echo"
+            );
+            assert!(
+                during <= pipes_before + POOLED,
+                "{during} pipe descriptors for {CONNECTIONS} idle connections"
+            );
 
             let _ = close_tx.send(());
             client.join().expect("client");
@@ -83,15 +97,18 @@ fn thousand_concurrent_connections_then_baseline() {
             gw.wait_until(20, "every flow to finish", |r| r.live_count() == 0);
             assert_eq!(gw.registry.closed(usize::MAX).len(), CONNECTIONS);
 
+            let others = || crate::common::open_fds() - pipes();
+            let others_before = before - pipes_before;
             let deadline = Instant::now() + Duration::from_secs(5);
-            while crate::common::open_fds() > before && Instant::now() < deadline {
+            while others() > others_before && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
             assert!(
-                crate::common::open_fds() <= before,
-                "fds: {before} before, {} after",
-                crate::common::open_fds()
+                others() <= others_before,
+                "descriptors other than pipes: {others_before} before, {} after",
+                others()
             );
+            assert!(pipes() <= pipes_before + POOLED, "{} pipes after", pipes());
         },
     );
 }
