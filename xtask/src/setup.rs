@@ -25,6 +25,7 @@ const PACKAGES: &[&str] = &[
     "chromium",
     // `cargo xtask bench --profile`.
     "linux-perf",
+    "strace",
 ];
 /// PyPI packages the tests drive (pinned): an HTTPS proxy, the Prometheus client whose
 /// text parser reads /metrics, and Playwright.

@@ -259,9 +259,14 @@ impl Accounting {
 
     /// Starts tracking a connected TCP or UDP socket. Call it before the socket can close.
     pub fn track(&self, socket: impl AsFd) -> Result<Tracked, Error> {
-        let fd = socket.as_fd();
-        let cookie = sys::cookie(fd)?;
-        let proto = sys::proto(fd)?;
+        let proto = sys::proto(socket.as_fd())?;
+        self.track_as(socket, proto)
+    }
+
+    /// [`Accounting::track`] for a socket whose transport the caller knows (one system call
+    /// fewer per flow).
+    pub fn track_as(&self, socket: impl AsFd, proto: Proto) -> Result<Tracked, Error> {
+        let cookie = sys::cookie(socket.as_fd())?;
         let counting = || Meter(Some(Arc::default()));
         let (meter, in_kernel) = match &self.backend {
             // A connected TCP socket has its kernel entry from the moment it was established;

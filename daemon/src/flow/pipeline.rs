@@ -105,7 +105,8 @@ impl Pipeline {
             crate::relay::reset(&client);
             return None;
         }
-        let tracked = match self.registry.accounting().track(&client) {
+        let accounting = self.registry.accounting();
+        let tracked = match accounting.track_as(&client, crate::accounting::Proto::Tcp) {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!("{} → {:?}: {e}", meta.source, meta.destination());

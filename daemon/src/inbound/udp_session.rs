@@ -141,7 +141,7 @@ async fn open(
     let tracked = pipeline
         .registry
         .accounting()
-        .track(&reply)
+        .track_as(&reply, crate::accounting::Proto::Udp)
         .map_err(io::Error::other)?;
     let meta = FlowMeta {
         network: Network::Udp,

@@ -1,5 +1,6 @@
 //! `cargo xtask bench --profile`: `perf record` on the gateway's tpacctd during a workload,
-//! and the top symbols (where its CPU went, kernel and user) for the report.
+//! and the top symbols (where its CPU went, kernel and user) for the report; `strace -c`
+//! during a short churn for the system calls each accepted connection costs.
 
 use std::{
     path::{Path, PathBuf},
@@ -8,8 +9,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-/// The workloads profiled: one stream, churn, and `GET /connections` at the large scale.
-pub(super) const WORKLOADS: [&str; 3] = ["single-stream", "churn", "connections"];
+/// The workloads profiled: one stream, churn, and `GET /connections` at the large scale; then
+/// the system calls of a churn.
+pub(super) const WORKLOADS: [&str; 4] = ["single-stream", "churn", "connections", "syscalls"];
 
 /// Symbols listed per workload.
 const TOP: usize = 15;
@@ -43,12 +45,7 @@ pub(super) fn start(pid: u32, dir: &Path, workload: &'static str) -> Result<Reco
 impl Recording {
     /// Stops sampling and writes the top symbols to `profile-WORKLOAD.md` beside the data.
     pub(super) fn stop(mut self) -> Result<()> {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        )
-        .context("stopping perf")?;
-        self.child.wait()?;
+        interrupt(&mut self.child).context("stopping perf")?;
         let out = Command::new("perf")
             .args([
                 "report",
@@ -90,6 +87,83 @@ impl Recording {
         std::fs::write(self.data.with_extension("md"), md)?;
         Ok(())
     }
+}
+
+/// Stops a recorder the way its user would (Ctrl-C), so it writes what it has.
+fn interrupt(child: &mut Child) -> Result<()> {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )?;
+    child.wait()?;
+    Ok(())
+}
+
+/// Counts the system calls of every thread of `pid` while `work` runs (`strace -c -f`), and
+/// writes them per accepted connection (`accept4` calls that succeeded) to
+/// `profile-syscalls.md`.
+pub(super) fn syscalls(pid: u32, dir: &Path, work: impl FnOnce() -> Result<()>) -> Result<()> {
+    let data = dir.join("syscalls-churn.txt");
+    let mut child = Command::new("strace")
+        .args(["-c", "-f", "-p", &pid.to_string(), "-o"])
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("strace (Debian: strace)")?;
+    // strace attaches to every thread first.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let worked = work();
+    interrupt(&mut child).context("stopping strace")?;
+    worked?;
+    let text = std::fs::read_to_string(&data).context("strace's summary")?;
+    // `% time  seconds  usecs/call  calls  [errors]  syscall`, one row per system call.
+    let rows: Vec<(String, f64, f64)> = text
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let name = *w.last()?;
+            let calls: f64 = w.get(3)?.parse().ok()?;
+            let errors: f64 = if w.len() == 6 {
+                w[4].parse().ok()?
+            } else {
+                0.0
+            };
+            (name != "total").then(|| (name.to_owned(), calls, errors))
+        })
+        .collect();
+    // Accepted: the calls that did not fail (with nothing to accept: EAGAIN).
+    let accepted = rows
+        .iter()
+        .find(|r| r.0 == "accept4")
+        .map_or(0.0, |r| r.1 - r.2);
+    if accepted == 0.0 {
+        bail!("no accept4 in strace's summary of the churn");
+    }
+    let mut rows = rows;
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let table: Vec<String> = rows
+        .iter()
+        .take(TOP)
+        .map(|(name, calls, errors)| {
+            format!(
+                "| `{name}` | {:.2} | {:.2} |",
+                calls / accepted,
+                errors / accepted
+            )
+        })
+        .collect();
+    let total: f64 = rows.iter().map(|r| r.1).sum();
+    let md = format!(
+        "\n**System calls per accepted connection** during a short churn (`strace -c -f` on \
+         every thread of tpacctd, {accepted:.0} connections; tracing slows the churn, the counts \
+         are what matter): {:.1} in all, top {TOP}:\n\n| call | per connection | failed \
+         per connection |\n|---|---|---|\n{}\n",
+        total / accepted,
+        table.join("\n")
+    );
+    std::fs::write(dir.join("profile-syscalls.md"), md)?;
+    Ok(())
 }
 
 /// The profiles written in this run, for the report.

@@ -176,6 +176,12 @@ fn churn(run: &Run<'_>, samples: &mut Samples) -> Result<()> {
             samples.add("store_cpu", who, (b - a) / started.elapsed().as_secs_f64());
         }
     }
+    // After the store's figures: the traced churn is slower and not measured.
+    if let (Some(dir), Some(pid)) = (run.profile, pid) {
+        profile::syscalls(pid, dir, || {
+            client(topo, me, &["churn", &echo, "3"]).map(drop)
+        })?;
+    }
     Ok(())
 }
 
