@@ -70,33 +70,24 @@ pub fn tcp<'a, A: Fn() -> u64 + 'a>(
         let mut cancelled = std::pin::pin!(opts.cancel.cancelled());
         let mut idle = std::pin::pin!(idle_watch(opts.idle, &opts.activity));
         std::future::poll_fn(|cx| {
-            if !up.done() {
-                match up.poll(cx, client, upstream, &opts.client_meter, &no_meter) {
-                    Poll::Ready(Ok(())) => {
-                        let _ = SockRef::from(upstream).shutdown(std::net::Shutdown::Write);
-                    }
-                    Poll::Ready(Err(Failed::Read(e))) => {
-                        return Poll::Ready(failed(End::ClientReset, &e, client, upstream));
-                    }
-                    Poll::Ready(Err(Failed::Write(e))) => {
-                        return Poll::Ready(failed(End::UpstreamReset, &e, client, upstream));
-                    }
-                    Poll::Pending => {}
-                }
-            }
-            if !down.done() {
-                match down.poll(cx, upstream, client, &no_meter, &opts.client_meter) {
-                    Poll::Ready(Ok(())) => {
-                        let _ = SockRef::from(client).shutdown(std::net::Shutdown::Write);
-                    }
-                    Poll::Ready(Err(Failed::Read(e))) => {
-                        return Poll::Ready(failed(End::UpstreamReset, &e, client, upstream));
-                    }
-                    Poll::Ready(Err(Failed::Write(e))) => {
-                        return Poll::Ready(failed(End::ClientReset, &e, client, upstream));
-                    }
-                    Poll::Pending => {}
-                }
+            let ended = forward(
+                &mut up,
+                cx,
+                (client, upstream),
+                (&opts.client_meter, &no_meter),
+            )
+            .map(|f| f.end(End::ClientReset, End::UpstreamReset))
+            .or_else(|| {
+                forward(
+                    &mut down,
+                    cx,
+                    (upstream, client),
+                    (&no_meter, &opts.client_meter),
+                )
+                .map(|f| f.end(End::UpstreamReset, End::ClientReset))
+            });
+            if let Some((end, e)) = ended {
+                return Poll::Ready(failed(end, &e, client, upstream));
             }
             if up.done() && down.done() {
                 return Poll::Ready(End::Done);
@@ -114,6 +105,27 @@ pub fn tcp<'a, A: Fn() -> u64 + 'a>(
             Poll::Pending
         })
         .await
+    }
+}
+
+/// Moves what is ready one way, `src` → `dst` (meters: read, write), unless that way is done;
+/// passes a half-close on at EOF. The failure that ends the relay, if one did.
+fn forward(
+    d: &mut Direction,
+    cx: &mut std::task::Context<'_>,
+    (src, dst): (&TcpStream, &TcpStream),
+    (read, write): (&Meter, &Meter),
+) -> Option<Failed> {
+    if d.done() {
+        return None;
+    }
+    match d.poll(cx, src, dst, read, write) {
+        Poll::Ready(Ok(())) => {
+            let _ = SockRef::from(dst).shutdown(std::net::Shutdown::Write);
+            None
+        }
+        Poll::Ready(Err(f)) => Some(f),
+        Poll::Pending => None,
     }
 }
 

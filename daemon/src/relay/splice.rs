@@ -33,6 +33,16 @@ pub(super) enum Failed {
     Write(io::Error),
 }
 
+impl Failed {
+    /// How the relay ends: `read` when the source failed, `write` when the destination did.
+    pub(super) fn end<E>(self, read: E, write: E) -> (E, io::Error) {
+        match self {
+            Failed::Read(e) => (read, e),
+            Failed::Write(e) => (write, e),
+        }
+    }
+}
+
 /// Empty pipes kept per worker thread for the next direction with bytes to move.
 const POOL_MAX: usize = 32;
 

@@ -26,15 +26,13 @@ pub(super) struct Recording {
 /// Starts sampling `pid` (all its threads, kernel and user) into `dir/profile-WORKLOAD.data`.
 pub(super) fn start(pid: u32, dir: &Path, workload: &'static str) -> Result<Recording> {
     let data = dir.join(format!("profile-{workload}.data"));
-    let child = Command::new("perf")
-        .args(["record", "-q", "-F", "999", "-p", &pid.to_string(), "-o"])
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("perf record (Debian: linux-perf)")?;
-    // perf attaches within a few milliseconds; give it a moment before the workload starts.
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let pid = pid.to_string();
+    let child = attach(
+        "perf",
+        &["record", "-q", "-F", "999", "-p", &pid],
+        &data,
+        "linux-perf",
+    )?;
     Ok(Recording {
         child,
         data,
@@ -89,6 +87,21 @@ impl Recording {
     }
 }
 
+/// Starts `program args -o out` attached to a process, and gives it a moment to attach to
+/// every thread before the workload starts.
+fn attach(program: &str, args: &[&str], out: &Path, package: &str) -> Result<Child> {
+    let child = Command::new(program)
+        .args(args)
+        .arg("-o")
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("{program} (Debian: {package})"))?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    Ok(child)
+}
+
 /// Stops a recorder the way its user would (Ctrl-C), so it writes what it has.
 fn interrupt(child: &mut Child) -> Result<()> {
     nix::sys::signal::kill(
@@ -104,15 +117,8 @@ fn interrupt(child: &mut Child) -> Result<()> {
 /// `profile-syscalls.md`.
 pub(super) fn syscalls(pid: u32, dir: &Path, work: impl FnOnce() -> Result<()>) -> Result<()> {
     let data = dir.join("syscalls-churn.txt");
-    let mut child = Command::new("strace")
-        .args(["-c", "-f", "-p", &pid.to_string(), "-o"])
-        .arg(&data)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("strace (Debian: strace)")?;
-    // strace attaches to every thread first.
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let pid = pid.to_string();
+    let mut child = attach("strace", &["-c", "-f", "-p", &pid], &data, "strace")?;
     let worked = work();
     interrupt(&mut child).context("stopping strace")?;
     worked?;
