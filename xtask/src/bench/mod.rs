@@ -172,6 +172,8 @@ pub fn run(daemon: &Path, o: &Options) -> Result<()> {
 
     let mut samples = Samples::default();
     let mut unavailable = BTreeMap::new();
+    // Contenders that failed a workload: in which rounds, and the last reason.
+    let (mut failed, mut reasons) = (BTreeMap::new(), BTreeMap::new());
     for round in 1..=d.rounds {
         for who in Contender::ALL {
             if unavailable.contains_key(&who) || !selected(&who) {
@@ -193,9 +195,13 @@ pub fn run(daemon: &Path, o: &Options) -> Result<()> {
                     match measure(&run, &mut samples) {
                         Ok(()) => {}
                         Err(e) if who.is_tpacct() => return Err(e.context(who.label())),
+                        // It keeps its place in later rounds: one failed workload (mihomo
+                        // refusing its API at 9k connections, say) costs only that round's
+                        // remaining figures.
                         Err(e) => {
                             eprintln!("bench: {} failed a workload: {e:#}", who.label());
-                            unavailable.insert(who, format!("{e:#}"));
+                            failed.entry(who).or_insert_with(Vec::new).push(round);
+                            reasons.insert(who, format!("{e:#}"));
                         }
                     }
                 }
@@ -242,6 +248,14 @@ pub fn run(daemon: &Path, o: &Options) -> Result<()> {
     );
     for (who, why) in &unavailable {
         markdown.push_str(&format!("\n{} could not be measured: {why}\n", who.label()));
+    }
+    for (who, rounds) in &failed {
+        markdown.push_str(&format!(
+            "\n{} failed a workload in round(s) {rounds:?} (its later workloads of those rounds are \
+             missing): {}\n",
+            who.label(),
+            reasons.get(who).map_or("", String::as_str)
+        ));
     }
     std::fs::write(out_dir.join("latest.md"), &markdown)?;
     std::fs::write(out_dir.join("latest.json"), json)?;

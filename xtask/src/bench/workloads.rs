@@ -199,7 +199,7 @@ fn rss_bytes(pid: u32) -> Option<f64> {
 }
 
 /// Median milliseconds of five `GET <path>`s on the gateway's controller.
-fn api_ms(topo: &Topology, path: &str) -> Result<f64> {
+fn api_ms(topo: &Topology, path: &str, held: usize) -> Result<f64> {
     let mut times = Vec::new();
     for _ in 0..5 {
         let out = Topology::exec(&topo.gateway, Path::new("curl"))
@@ -217,14 +217,15 @@ fn api_ms(topo: &Topology, path: &str) -> Result<f64> {
                 &format!("http://127.0.0.1:9090{path}"),
             ])
             .output()?;
-        if out.status.success()
-            && let Ok(secs) = String::from_utf8_lossy(&out.stdout).trim().parse::<f64>()
-        {
-            times.push(secs * 1000.0);
+        match String::from_utf8_lossy(&out.stdout).trim().parse::<f64>() {
+            Ok(secs) if out.status.success() => times.push(secs * 1000.0),
+            // A contender that failed once is not waited on four more times.
+            _ => bail!(
+                "GET {path} failed (curl exit {:?}, {} held connections)",
+                out.status.code(),
+                held
+            ),
         }
-    }
-    if times.is_empty() {
-        bail!("GET {path} failed");
     }
     Ok(median_min_max(&times).0)
 }
@@ -283,12 +284,12 @@ fn scale(
         .flatten()
         .map(|dir| profile::start(pid, dir, "connections"))
         .transpose()?;
-    let connections = api_ms(topo, "/connections")?;
+    let connections = api_ms(topo, "/connections", n)?;
     if let Some(recording) = recording {
         recording.stop()?;
     }
     let metrics_ms = if metrics {
-        Some(api_ms(topo, "/metrics")?)
+        Some(api_ms(topo, "/metrics", n)?)
     } else {
         None
     };
