@@ -393,10 +393,16 @@ fn relay(this: Arc<Pipeline>, mut ready: Ready) -> impl Future<Output = ()> + Se
             }
         };
         tracing::debug!("{} {}: {end:?}", flow.id, flow.meta.source);
+        // Both sockets close (a side marked for a reset sends it now) before the wait for the
+        // final totals.
         let Ready {
-            client, finisher, ..
+            client,
+            upstream,
+            finisher,
+            _active,
+            ..
         } = ready;
-        drop(client);
+        drop((client, upstream, _active));
         finisher.finish().await;
     }
 }

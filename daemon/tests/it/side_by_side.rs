@@ -104,7 +104,7 @@ fn holding_server(topo: &Topology, addr: SocketAddr) {
 }
 
 /// Opens every flow from the client and keeps it: (client port, the peer the server saw).
-fn open_all(topo: &Topology) -> (Vec<(u16, String)>, Vec<TcpStream>) {
+fn open_all(topo: &Topology) -> (Vec<(Ports, String)>, Vec<TcpStream>) {
     Topology::run_in(&topo.client, || {
         let mut seen = Vec::new();
         let mut held = Vec::new();
@@ -125,15 +125,20 @@ fn open_all(topo: &Topology) -> (Vec<(u16, String)>, Vec<TcpStream>) {
                 }
                 line.clear();
             }
-            seen.push((conn.local_addr().expect("local").port(), peer));
+            let local = conn.local_addr().expect("local").port();
+            seen.push(((local, port), peer));
             held.push(conn);
         }
         (seen, held)
     })
 }
 
-/// `GET /connections` from inside the gateway namespace, by client port.
-fn connections(topo: &Topology) -> Vec<(u16, Value)> {
+/// A connection's client port and destination port: the client may reuse one source port for
+/// two destinations, so the source port alone does not name a connection.
+type Ports = (u16, u16);
+
+/// `GET /connections` from inside the gateway namespace, by client and destination port.
+fn connections(topo: &Topology) -> Vec<(Ports, Value)> {
     let out = Command::new("ip")
         .args(["netns", "exec", &topo.gateway.name, "curl", "-sf"])
         .arg("http://127.0.0.1:9090/connections")
@@ -145,21 +150,21 @@ fn connections(topo: &Topology) -> Vec<(u16, Value)> {
         .expect("connections")
         .iter()
         .filter_map(|c| {
-            let port = c["metadata"]["sourcePort"].as_str()?.parse().ok()?;
-            Some((port, c.clone()))
+            let port = |key: &str| c["metadata"][key].as_str()?.parse().ok();
+            Some(((port("sourcePort")?, port("destinationPort")?), c.clone()))
         })
         .collect()
 }
 
 /// What is compared of one flow: the upstream it left by, its route and metadata.
-fn describe(seen: &[(u16, String)], listed: &[(u16, Value)]) -> Vec<String> {
+fn describe(seen: &[(Ports, String)], listed: &[(Ports, Value)]) -> Vec<String> {
     seen.iter()
         .map(|(port, peer)| {
             let c = listed
                 .iter()
                 .find(|(p, _)| p == port)
                 .map(|(_, c)| c)
-                .unwrap_or_else(|| panic!("no connection from port {port} in {listed:?}"));
+                .unwrap_or_else(|| panic!("no connection {port:?} in {listed:?}"));
             let meta: Vec<String> = FIELDS
                 .iter()
                 .map(|f| format!("{f}={}", c["metadata"][f]))
