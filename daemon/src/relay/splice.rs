@@ -12,6 +12,7 @@ use std::{
 use socket2::SockRef;
 use tokio::{io::Interest, net::TcpStream};
 
+use super::End;
 use crate::accounting::Meter;
 
 use nix::{
@@ -35,7 +36,7 @@ pub(super) enum Failed {
 
 impl Failed {
     /// How the relay ends: `read` when the source failed, `write` when the destination did.
-    pub(super) fn end<E>(self, read: E, write: E) -> (E, io::Error) {
+    pub(super) fn end(self, read: End, write: End) -> (End, io::Error) {
         match self {
             Failed::Read(e) => (read, e),
             Failed::Write(e) => (write, e),
@@ -64,6 +65,19 @@ pub(super) struct Direction {
 impl Direction {
     pub(super) fn done(&self) -> bool {
         self.done
+    }
+
+    /// Gives the (empty) pipe back to this thread's pool; a full pool closes it.
+    fn release(&mut self) {
+        debug_assert_eq!(self.left, 0);
+        if let Some(pipe) = self.pipe.take() {
+            let _ = POOL.try_with(|pool| {
+                let mut pool = pool.borrow_mut();
+                if pool.len() < POOL_MAX {
+                    pool.push(pipe);
+                }
+            });
+        }
     }
 
     /// Moves what is ready from `src` to `dst`. `Ready(Ok)` once `src` reached EOF and
@@ -132,21 +146,6 @@ impl Direction {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Poll::Ready(Err(Failed::Read(e))),
             }
-        }
-    }
-}
-
-impl Direction {
-    /// Gives the (empty) pipe back to this thread's pool; a full pool closes it.
-    fn release(&mut self) {
-        debug_assert_eq!(self.left, 0);
-        if let Some(pipe) = self.pipe.take() {
-            let _ = POOL.try_with(|pool| {
-                let mut pool = pool.borrow_mut();
-                if pool.len() < POOL_MAX {
-                    pool.push(pipe);
-                }
-            });
         }
     }
 }

@@ -173,7 +173,7 @@ pub fn run(daemon: &Path, o: &Options) -> Result<()> {
     let mut samples = Samples::default();
     let mut unavailable = BTreeMap::new();
     // Contenders that failed a workload: in which rounds, and the last reason.
-    let (mut failed, mut reasons) = (BTreeMap::new(), BTreeMap::new());
+    let mut failed: BTreeMap<Contender, (Vec<usize>, String)> = BTreeMap::new();
     for round in 1..=d.rounds {
         for who in Contender::ALL {
             if unavailable.contains_key(&who) || !selected(&who) {
@@ -200,8 +200,9 @@ pub fn run(daemon: &Path, o: &Options) -> Result<()> {
                         // remaining figures.
                         Err(e) => {
                             eprintln!("bench: {} failed a workload: {e:#}", who.label());
-                            failed.entry(who).or_insert_with(Vec::new).push(round);
-                            reasons.insert(who, format!("{e:#}"));
+                            let (rounds, why) = failed.entry(who).or_default();
+                            rounds.push(round);
+                            *why = format!("{e:#}");
                         }
                     }
                 }
@@ -249,12 +250,12 @@ pub fn run(daemon: &Path, o: &Options) -> Result<()> {
     for (who, why) in &unavailable {
         markdown.push_str(&format!("\n{} could not be measured: {why}\n", who.label()));
     }
-    for (who, rounds) in &failed {
+    for (who, (rounds, why)) in &failed {
         markdown.push_str(&format!(
             "\n{} failed a workload in round(s) {rounds:?} (its later workloads of those rounds are \
              missing): {}\n",
             who.label(),
-            reasons.get(who).map_or("", String::as_str)
+            why
         ));
     }
     std::fs::write(out_dir.join("latest.md"), &markdown)?;
