@@ -137,6 +137,14 @@ impl Meter {
         }
     }
 
+    /// `n` bytes reported by `add_tx` were not sent after all.
+    #[inline]
+    pub fn take_back_tx(&self, n: u64) {
+        if let Some(c) = &self.0 {
+            c.tx.fetch_sub(n, Ordering::Relaxed);
+        }
+    }
+
     /// Whether reports are counted (user-space accounting).
     pub fn is_counting(&self) -> bool {
         self.0.is_some()

@@ -202,8 +202,12 @@ fn drain_upstream(session: &Session, up: &UdpSession, reply: &UdpSocket, shared:
                     if session.dns {
                         shared.pipeline.dns.learn(&buf[..n]);
                     }
-                    if let Ok(m) = SockRef::from(reply).send(&buf[..n]) {
-                        session.flow.meter().add_tx(m as u64);
+                    // Counted before it is sent: once the client has the datagram, the live
+                    // counters already include it. A datagram goes whole or not at all.
+                    let meter = session.flow.meter();
+                    meter.add_tx(n as u64);
+                    if SockRef::from(reply).send(&buf[..n]).is_err() {
+                        meter.take_back_tx(n as u64);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,

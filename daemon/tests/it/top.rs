@@ -70,7 +70,8 @@ fn one_frame_and_a_live_terminal_show_devices_and_flows() {
             });
             // Routed (by address: the sniffer gives up on the unfinished head).
             gw.wait_until(10, "one flow closed, one live and routed", |r| {
-                r.live_count() == 1 && r.live()[0].flow.route().is_some() && r.closed(10).len() == 1
+                matches!(&r.live()[..], [only] if only.flow.route().is_some())
+                    && r.closed(10).len() == 1
             });
 
             let out = top(

@@ -169,12 +169,14 @@ async fn open(
                     match s.try_recv(&mut buf[header.len()..]) {
                         Ok(n) => {
                             buf[..header.len()].copy_from_slice(&header);
+                            // Counted before the client can have it (see udp_session).
+                            flow.meter().add_tx(n as u64);
                             if relay
                                 .send_to(&buf[..header.len() + n], client)
                                 .await
-                                .is_ok()
+                                .is_err()
                             {
-                                flow.meter().add_tx(n as u64);
+                                flow.meter().take_back_tx(n as u64);
                             }
                         }
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
