@@ -4,6 +4,8 @@
 //! padding, so both sides agree on the bytes. `aya::Pod` is implemented behind feature `user`.
 #![cfg_attr(not(test), no_std)]
 
+pub mod fastpath;
+
 /// Map of live TCP sockets: socket cookie → [`TcpSock`].
 pub const TCP_MAP: &str = "TPACCT_TCP";
 /// Map of live UDP sockets: socket cookie → [`UdpSock`].

@@ -31,6 +31,8 @@ pub enum Error {
     #[error(transparent)]
     Firewall(#[from] firewall::Error),
     #[error(transparent)]
+    FastPath(#[from] crate::fastpath::Error),
+    #[error(transparent)]
     Api(#[from] api::Error),
     #[error(transparent)]
     State(#[from] crate::state::Error),
@@ -71,6 +73,8 @@ pub struct App {
     proxies: Vec<(inbound::mixed::Kind, SocketAddr)>,
     api: Option<SocketAddr>,
     firewall: Option<firewall::Installed>,
+    /// Dropped (programs detached) before the firewall goes.
+    fast_path: Option<crate::fastpath::FastPath>,
     restart: CancellationToken,
     reloader: Arc<crate::reload::Reloader>,
 }
@@ -184,17 +188,50 @@ impl App {
         let proxies =
             inbound::mixed::start(config, pipeline.clone(), &flows.cancel, &flows.tracker)?;
         let listening = inbound::start(config, pipeline, &flows.cancel, &flows.tracker)?;
+        let fast = config.fast_path.enable.then(|| config.fast_path.clone());
         let firewall = match config.tproxy_firewall.clone() {
             Some(fw) => {
                 let (port, mark, bind) =
                     (config.tproxy_port, config.routing_mark, config.bind_address);
-                let installed =
-                    tokio::task::spawn_blocking(move || firewall::install(&fw, port, mark, bind))
-                        .await
-                        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                let fast = fast.clone();
+                let installed = tokio::task::spawn_blocking(move || {
+                    firewall::install(&fw, port, mark, bind, fast.as_ref())
+                })
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
                 match installed {
                     Ok(installed) => Some(installed),
                     Err(e) => {
+                        flows.cancel.cancel();
+                        core.cancel.cancel();
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => None,
+        };
+        // After the firewall: a flow the programs mark must meet the rules that skip TPROXY.
+        let fast_path = match fast {
+            Some(fast) => {
+                let bypass = config
+                    .tproxy_firewall
+                    .as_ref()
+                    .map(|fw| fw.bypass.clone())
+                    .unwrap_or_default();
+                match crate::fastpath::FastPath::start(
+                    &fast,
+                    &bypass,
+                    router.clone(),
+                    registry.clone(),
+                    config.udp_idle_timeout.duration(),
+                    &flows.cancel,
+                    &flows.tracker,
+                ) {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        if let Some(fw) = firewall {
+                            let _ = tokio::task::spawn_blocking(move || fw.remove()).await;
+                        }
                         flows.cancel.cancel();
                         core.cancel.cancel();
                         return Err(e.into());
@@ -212,6 +249,7 @@ impl App {
             proxies,
             api,
             firewall,
+            fast_path,
             restart,
             reloader,
         })
@@ -246,6 +284,7 @@ impl App {
     /// accounting, and removes the firewall rules; programs are detached and the accounting
     /// cgroup removed when `self` drops here.
     pub async fn shutdown(self) {
+        drop(self.fast_path);
         if let Some(fw) = self.firewall {
             let _ = tokio::task::spawn_blocking(move || fw.remove()).await;
         }

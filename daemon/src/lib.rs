@@ -11,6 +11,7 @@ pub mod app;
 pub mod cgroup;
 pub mod config;
 pub mod devices;
+pub mod fastpath;
 pub mod fetch;
 pub mod firewall;
 pub mod flow;

@@ -93,7 +93,20 @@ impl Registry {
 
     /// Registers a flow (once: each call makes a new id).
     pub fn open(&self, meta: FlowMeta, tracked: Tracked, leg: Leg) -> Arc<Flow> {
-        let flow = Arc::new(Flow::new(meta, tracked, leg));
+        self.open_since(meta, tracked, leg, SystemTime::now())
+    }
+
+    /// Registers a flow that began at `start` (one the kernel forwarded before we saw it).
+    pub fn open_since(
+        &self,
+        meta: FlowMeta,
+        tracked: Tracked,
+        leg: Leg,
+        start: SystemTime,
+    ) -> Arc<Flow> {
+        let mut flow = Flow::new(meta, tracked, leg);
+        flow.start = start;
+        let flow = Arc::new(flow);
         self.live.insert(flow.id, flow.clone());
         if flow.meta.network == Network::Udp {
             self.live_udp.fetch_add(1, Ordering::Relaxed);

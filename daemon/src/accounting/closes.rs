@@ -255,7 +255,7 @@ pub(super) fn spawn_reader(
 }
 
 /// Registers a map-backed reader with the reactor for readability.
-pub(super) fn readable<T: AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
+pub(crate) fn readable<T: AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
     // SAFETY: ring buffers and the log reader own their map fd and return that same fd until
     // dropped, which is when the AsyncFd drops.
     Ok(unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }?)

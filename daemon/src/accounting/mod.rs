@@ -4,6 +4,7 @@
 
 mod batch;
 mod closes;
+pub(crate) use closes::readable;
 mod ebpf;
 mod procs;
 mod sys;

@@ -16,7 +16,7 @@ use indexmap::IndexMap;
 
 use serde::Deserialize;
 
-pub use firewall::FirewallConfig;
+pub use firewall::{FastPathConfig, FirewallConfig};
 pub use routing::{
     Behavior, CircuitBreakerConfig, GeoxUrl, GroupConfig, GroupKind, HealthCheckConfig, IpVersion,
     ProxyConfig, ProxyKind, ProxyProviderConfig, RuleFormat, RuleProviderConfig, SubRules, Vehicle,
@@ -105,6 +105,8 @@ pub struct Config {
     pub sniffer: SniffConfig,
     /// Firewall rules tpacct installs and removes itself (off unless given).
     pub tproxy_firewall: Option<FirewallConfig>,
+    /// tpacct's `fast-path`: DIRECT flows forwarded by the kernel, counted in tc eBPF.
+    pub fast_path: FastPathConfig,
     /// mihomo's `external-controller`: where the Clash API listens (empty: off).
     pub external_controller: String,
     /// mihomo's `secret`: the API's bearer token. Absent: one generated at first start and
@@ -249,6 +251,7 @@ impl Default for Config {
             closed_connections: Count(1000),
             sniffer: SniffConfig::gateway(),
             tproxy_firewall: None,
+            fast_path: FastPathConfig::default(),
             external_controller: "127.0.0.1:9090".to_owned(),
             secret: None,
             external_controller_cors: Cors::default(),
@@ -499,6 +502,9 @@ impl Config {
                 ));
             }
         }
+        self.fast_path
+            .check(self.tproxy_firewall.as_ref(), self.routing_mark)
+            .map_err(|(key, message)| invalid(&key, message))?;
         crate::route::check::check(self).map_err(|(key, message)| invalid(&key, message))?;
         if let Err(e) = crate::tls::parse(&self.tls.custom_certifactes) {
             let i = match e {

@@ -98,6 +98,21 @@ fn cross_key_rules_name_the_key() {
     assert_eq!(e.line(), Some(3));
     let e = invalid("bind-address: nowhere\n");
     assert_eq!(e.key(), Some("bind-address"));
+    let e = invalid("fast-path:\n  enable: true\n  interfaces: [lan0]\n");
+    assert_eq!(e.key(), Some("fast-path.enable"), "{e}");
+    assert_eq!(e.line(), Some(2));
+    let firewall = "tproxy-port: 7893\ntproxy-firewall:\n  interfaces: [lan0]\n";
+    let e = invalid(&format!(
+        "{firewall}fast-path:\n  enable: true\n  interfaces: [lan0]\n  mark: 1\n"
+    ));
+    assert_eq!(e.key(), Some("fast-path.mark"), "{e}");
+    assert_eq!(e.line(), Some(7));
+    let ok = Config::parse(
+        &format!("{firewall}fast-path:\n  enable: true\n  interfaces: [lan0]\n"),
+        "x",
+    )
+    .expect("valid");
+    assert_eq!(ok.fast_path.mark, 0x4000_0000);
 }
 
 #[test]

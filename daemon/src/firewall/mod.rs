@@ -6,7 +6,7 @@ mod nft;
 
 use std::process::Command;
 
-use crate::config::{BindAddress, FirewallConfig};
+use crate::config::{BindAddress, FastPathConfig, FirewallConfig};
 
 pub use nft::ruleset;
 
@@ -25,19 +25,21 @@ pub struct Installed {
 }
 
 /// Cleans leftovers, then installs the table and routing for the listener on `bind`:`port`,
-/// letting traffic marked `routing_mark` through untouched.
+/// letting traffic marked `routing_mark` through untouched, and connections the fast path
+/// forwards (when `fast` is given).
 pub fn install(
     config: &FirewallConfig,
     port: u16,
     routing_mark: u32,
     bind: BindAddress,
+    fast: Option<&FastPathConfig>,
 ) -> Result<Installed, Error> {
     clean(config);
     let mut installed = Installed {
         config: config.clone(),
         removed: false,
     };
-    let script = ruleset(config, port, routing_mark, bind);
+    let script = ruleset(config, port, routing_mark, bind, fast);
     match nft::targets(bind) {
         (Some(_), None) => tracing::warn!(
             "tproxy-firewall: bind-address {bind:?} is IPv4 only: IPv6 traffic is not captured"

@@ -6,7 +6,7 @@ use ipnet::IpNet;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::config::{BindAddress, FirewallConfig};
+use crate::config::{BindAddress, FastPathConfig, FirewallConfig};
 
 /// Where TPROXY sends each family, following the listener: the wildcard listeners are reached
 /// through loopback; a listener bound to one address is reached at that address, and the other
@@ -28,8 +28,15 @@ pub fn targets(bind: BindAddress) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
 /// The table for `config`: LAN traffic (and, with `local`, this host's own) to TCP or UDP
 /// destinations that are not this host, not broadcast/multicast and not bypassed goes to the
 /// TPROXY listener on `port` (at the address `bind` gives it), marked `fwmark` for the local
-/// routing table. Packets carrying `routing_mark` (the proxy's own) are left alone.
-pub fn ruleset(config: &FirewallConfig, port: u16, routing_mark: u32, bind: BindAddress) -> String {
+/// routing table. Packets carrying `routing_mark` (the proxy's own) are left alone. With the
+/// fast path on, connections its program marked are left to the kernel (see [`fast_chain`]).
+pub fn ruleset(
+    config: &FirewallConfig,
+    port: u16,
+    routing_mark: u32,
+    bind: BindAddress,
+    fast: Option<&FastPathConfig>,
+) -> String {
     let mut out = String::new();
     let table = &config.nft_table;
     let fwmark = config.fwmark;
@@ -71,6 +78,10 @@ pub fn ruleset(config: &FirewallConfig, port: u16, routing_mark: u32, bind: Bind
     } else {
         let _ = writeln!(out, "    iifname != {{ {} }} return", interfaces.join(", "));
     }
+    if let Some(fast) = fast {
+        let m = fast.mark;
+        let _ = writeln!(out, "    ct mark & {m:#x} == {m:#x} return");
+    }
     skip(&mut out);
     let (v4_to, v6_to) = targets(bind);
     if let Some(ip) = v4_to {
@@ -95,8 +106,39 @@ pub fn ruleset(config: &FirewallConfig, port: u16, routing_mark: u32, bind: Bind
         let _ = writeln!(out, "    meta mark set {fwmark}");
         let _ = writeln!(out, "  }}");
     }
+    if let Some(fast) = fast {
+        fast_chain(&mut out, fast);
+    }
     let _ = writeln!(out, "}}");
     out
+}
+
+/// The fast path's chain, after conntrack and before the TPROXY chain: the mark the tc program
+/// sets on a new flow's first packet becomes the connection's (sticky: a lost map entry never
+/// sends a flow to the proxy mid-way); a forwarded connection's packet from a LAN interface that
+/// the program did not count is dropped (never forwarded uncounted); every packet of a forwarded
+/// connection carries the mark, so the egress program can tell one whose entry is gone.
+fn fast_chain(out: &mut String, fast: &FastPathConfig) {
+    let (m, c) = (fast.mark, fast.counted_mark);
+    let lan: Vec<String> = fast.interfaces.iter().map(|i| format!("{i:?}")).collect();
+    let lan = lan.join(", ");
+    let _ = writeln!(
+        out,
+        "  chain fastpath {{\n    type filter hook prerouting priority mangle - 5; policy accept;"
+    );
+    let _ = writeln!(
+        out,
+        "    iifname {{ {lan} }} meta mark & {m:#x} == {m:#x} ct state new ct mark set ct mark | {m:#x}"
+    );
+    let _ = writeln!(
+        out,
+        "    iifname {{ {lan} }} ct mark & {m:#x} == {m:#x} meta mark & {c:#x} == 0 counter drop"
+    );
+    let _ = writeln!(
+        out,
+        "    ct mark & {m:#x} == {m:#x} meta mark set meta mark | {m:#x}"
+    );
+    let _ = writeln!(out, "  }}");
 }
 
 #[cfg(test)]
@@ -113,7 +155,7 @@ mod tests {
             ],
             ..FirewallConfig::default()
         };
-        let r = ruleset(&config, 7893, 0, BindAddress::Any);
+        let r = ruleset(&config, 7893, 0, BindAddress::Any, None);
         assert!(
             r.contains("iifname != { \"lan0\", \"wlan0\" } return"),
             "{r}"
@@ -139,10 +181,37 @@ mod tests {
             local: true,
             ..FirewallConfig::default()
         };
-        let r = ruleset(&config, 7893, 6666, BindAddress::Any);
+        let r = ruleset(&config, 7893, 6666, BindAddress::Any, None);
         assert!(r.contains("iifname != { \"lan0\", \"lo\" } return"), "{r}");
         assert!(r.contains("chain output"), "{r}");
         assert_eq!(r.matches("meta mark 6666 return").count(), 2, "{r}");
+    }
+
+    #[test]
+    fn fast_path_connections_skip_tproxy_and_are_never_forwarded_uncounted() {
+        let config = FirewallConfig {
+            interfaces: vec!["lan0".into()],
+            ..FirewallConfig::default()
+        };
+        let fast = FastPathConfig {
+            enable: true,
+            interfaces: vec!["lan0".into()],
+            ..FastPathConfig::default()
+        };
+        let r = ruleset(&config, 7893, 0, BindAddress::Any, Some(&fast));
+        let skip = r
+            .find("ct mark & 0x40000000 == 0x40000000 return")
+            .expect(&r);
+        assert!(skip < r.find("tproxy ip to").expect(&r), "{r}");
+        assert!(r.contains("priority mangle - 5"), "{r}");
+        assert!(
+            r.contains("ct state new ct mark set ct mark | 0x40000000"),
+            "{r}"
+        );
+        assert!(
+            r.contains("meta mark & 0x20000000 == 0 counter drop"),
+            "{r}"
+        );
     }
 
     #[test]
@@ -156,6 +225,7 @@ mod tests {
             7893,
             0,
             BindAddress::One("10.0.0.1".parse().expect("ip")),
+            None,
         );
         assert!(v4.contains("tproxy ip to 10.0.0.1:7893"), "{v4}");
         assert!(
@@ -167,6 +237,7 @@ mod tests {
             7893,
             0,
             BindAddress::One("fd00::1".parse().expect("ip")),
+            None,
         );
         assert!(v6.contains("tproxy ip6 to [fd00::1]:7893"), "{v6}");
         assert!(!v6.contains("tproxy ip to"), "{v6}");

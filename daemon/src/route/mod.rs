@@ -186,6 +186,8 @@ pub struct Router {
     routing: ArcSwap<Routing>,
     /// Stops the health checks of the routing in force.
     checks: Mutex<tokio_util::sync::CancellationToken>,
+    /// Bumped by every change of mode or routing (the fast path recompiles on it).
+    version: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for Router {
@@ -206,6 +208,7 @@ impl Router {
             mode: Mutex::new(mode),
             routing: ArcSwap::new(routing),
             checks: Mutex::new(checks),
+            version: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -215,6 +218,16 @@ impl Router {
 
     pub fn set_mode(&self, mode: Mode) {
         *self.mode.lock().unwrap_or_else(|p| p.into_inner()) = mode;
+        self.bump();
+    }
+
+    /// Changes with every change of mode or routing.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.version.fetch_add(1, Ordering::AcqRel);
     }
 
     /// The routing in force now.
@@ -228,6 +241,7 @@ impl Router {
         let routing = Arc::new(routing);
         let checks = crate::outbound::checks::spawn(routing.clone());
         self.routing.store(routing);
+        self.bump();
         let old = std::mem::replace(
             &mut *self.checks.lock().unwrap_or_else(|p| p.into_inner()),
             checks,

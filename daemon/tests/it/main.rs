@@ -15,6 +15,7 @@ mod churn;
 mod cli;
 mod devices;
 mod events;
+mod fastpath;
 mod firewall;
 mod groups;
 mod groups_checks;
@@ -56,6 +57,7 @@ fn main() {
         cli::tests(),
         devices::tests(),
         events::tests(),
+        fastpath::tests(),
         firewall::tests(),
         groups::tests(),
         groups_checks::tests(),

@@ -255,7 +255,7 @@ fn the_same_config_routes_like_mihomo() -> Result<(), Skip> {
     gw.stop();
 
     let installed = Topology::run_in(&topo.gateway, move || {
-        tpacct::firewall::install(&firewall, TPROXY_PORT, 6666, BindAddress::Any)
+        tpacct::firewall::install(&firewall, TPROXY_PORT, 6666, BindAddress::Any, None)
             .expect("the same TPROXY rules")
     });
     let mihomo = start_mihomo(&topo, &binary);
