@@ -31,7 +31,7 @@ use crate::{
 const TICK: Duration = Duration::from_secs(1);
 /// How long a closed flow's entry stays so its last packets (the final ACK, a retransmitted
 /// FIN) still pass.
-const LINGER: Duration = Duration::from_secs(30);
+const LINGER: Duration = Duration::from_secs(10);
 
 /// How often this host's own addresses are looked up again (they stay off the fast path).
 const ADDRESSES_EVERY: Duration = Duration::from_secs(30);

@@ -19,10 +19,10 @@ use tpacct::{
     registry::{ClosedFlow, Traffic},
 };
 
-const FAST_PORT: u16 = 5001;
+pub(crate) const FAST_PORT: u16 = 5001;
 const PROXIED_PORT: u16 = 6003;
 
-fn fast_config(config: &mut Config) {
+pub(crate) fn fast_config(config: &mut Config) {
     config.fast_path = FastPathConfig {
         enable: true,
         interfaces: vec!["g1".into()],
@@ -38,7 +38,7 @@ fn fast_config(config: &mut Config) {
 
 /// One TCP connection: the client sends `up` bytes and half-closes, the server reads them all,
 /// answers `down` bytes and closes. Both ends check what arrived.
-fn exchange(topo: &Topology, server_ip: &str, port: u16, up: u64, down: u64) {
+pub(crate) fn exchange(topo: &Topology, server_ip: &str, port: u16, up: u64, down: u64) {
     let listen = socket(server_ip, port);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = spawn_in(&topo.server, move || {
@@ -63,7 +63,7 @@ fn exchange(topo: &Topology, server_ip: &str, port: u16, up: u64, down: u64) {
 }
 
 /// Waits for the flow to `port` to close and returns it.
-fn closed_to(gw: &crate::common::topo::Gateway, port: u16) -> ClosedFlow {
+pub(crate) fn closed_to(gw: &crate::common::topo::Gateway, port: u16) -> ClosedFlow {
     let mut found = None;
     gw.wait_until(15, "the flow to close", |r| {
         found = r

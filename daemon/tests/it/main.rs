@@ -16,6 +16,7 @@ mod cli;
 mod devices;
 mod events;
 mod fastpath;
+mod fastpath_life;
 mod firewall;
 mod groups;
 mod groups_checks;
@@ -58,6 +59,7 @@ fn main() {
         devices::tests(),
         events::tests(),
         fastpath::tests(),
+        fastpath_life::tests(),
         firewall::tests(),
         groups::tests(),
         groups_checks::tests(),
