@@ -187,6 +187,7 @@ impl App {
         let api = api::start(config, state, &flows.cancel, &flows.tracker)?;
         let proxies =
             inbound::mixed::start(config, pipeline.clone(), &flows.cancel, &flows.tracker)?;
+        let hooks_of = pipeline.clone();
         let listening = inbound::start(config, pipeline, &flows.cancel, &flows.tracker)?;
         let fast = config.fast_path.enable.then(|| config.fast_path.clone());
         let firewall = match config.tproxy_firewall.clone() {
@@ -227,7 +228,10 @@ impl App {
                     &flows.cancel,
                     &flows.tracker,
                 ) {
-                    Ok(f) => Some(f),
+                    Ok(f) => {
+                        let _ = hooks_of.hooks.fast_path.set(f.stats());
+                        Some(f)
+                    }
                     Err(e) => {
                         if let Some(fw) = firewall {
                             let _ = tokio::task::spawn_blocking(move || fw.remove()).await;

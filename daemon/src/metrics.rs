@@ -55,6 +55,8 @@ pub struct Hooks {
     dial_seconds: Family<DialLabels, Histogram, fn() -> Histogram>,
     dial_failures: Family<ReasonLabels, Counter>,
     sniffs: Family<SniffLabels, Counter>,
+    /// The fast path's kernel counters, once it runs.
+    pub fast_path: std::sync::OnceLock<std::sync::Arc<crate::fastpath::StatsReader>>,
 }
 
 impl Default for Hooks {
@@ -63,6 +65,7 @@ impl Default for Hooks {
             dial_seconds: Family::new_with_constructor(dial_buckets),
             dial_failures: Family::default(),
             sniffs: Family::default(),
+            fast_path: std::sync::OnceLock::new(),
         }
     }
 }
@@ -291,6 +294,9 @@ pub fn render(state: &ApiState) -> String {
             k.close_ring_full,
         );
     }
+    if let Some(fast) = state.pipeline.hooks.fast_path.get() {
+        fast_path(&mut prom, fast.read());
+    }
     processes(&mut prom, &state.pipeline.processes.counts);
     gauge(
         &mut prom,
@@ -306,6 +312,33 @@ pub fn render(state: &ApiState) -> String {
     // Writing into a String cannot fail.
     let _ = encode(&mut text, &prom);
     prometheus_text(&text)
+}
+
+fn fast_path(prom: &mut Prom, s: crate::fastpath::Stats) {
+    for (name, help, n) in [
+        (
+            "fast_path_decided",
+            "Flows the first packet decided DIRECT, forwarded by the kernel",
+            s.decided,
+        ),
+        (
+            "fast_path_map_full",
+            "Flows decided DIRECT but proxied because the fast path's map was full",
+            s.map_full,
+        ),
+        (
+            "fast_path_ring_full",
+            "Fast-path close events lost to a full ring (totals collected from the map)",
+            s.ring_full,
+        ),
+        (
+            "fast_path_dropped",
+            "Download packets of a forwarded flow dropped because its entry was gone",
+            s.dropped,
+        ),
+    ] {
+        counter(prom, name, help, n);
+    }
 }
 
 fn history(prom: &mut Prom, store: &crate::store::Store) {

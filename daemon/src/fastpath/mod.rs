@@ -59,8 +59,34 @@ pub(crate) type Labels = Vec<(&'static str, String)>;
 
 /// The running fast path; programs detach when it drops.
 pub struct FastPath {
-    stats: PerCpuArray<MapData, u64>,
+    stats: Arc<StatsReader>,
     _ebpf: Ebpf,
+}
+
+/// Reads the kernel programs' counters (for `/metrics`).
+pub struct StatsReader(PerCpuArray<MapData, u64>);
+
+impl std::fmt::Debug for StatsReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StatsReader")
+    }
+}
+
+impl StatsReader {
+    /// The counters now, summed over CPUs.
+    pub fn read(&self) -> Stats {
+        let read = |s: FastStat| {
+            self.0
+                .get(&(s as u32), 0)
+                .map_or(0, |per_cpu| per_cpu.iter().sum())
+        };
+        Stats {
+            map_full: read(FastStat::MapFull),
+            ring_full: read(FastStat::RingFull),
+            dropped: read(FastStat::Dropped),
+            decided: read(FastStat::Decided),
+        }
+    }
 }
 
 /// The kernel's rule table and what its rule indexes mean, kept in step with the router by
@@ -121,7 +147,7 @@ impl FastPath {
             .load(OBJECT)?;
         let flows: HashMap<MapData, FlowKey, FastFlow> = map(&mut ebpf, FAST_FLOWS)?;
         let events: RingBuf<MapData> = map(&mut ebpf, FAST_EVENTS)?;
-        let stats = map(&mut ebpf, FAST_STATS)?;
+        let stats: PerCpuArray<MapData, u64> = map(&mut ebpf, FAST_STATS)?;
         let rules = Rules {
             table: map(&mut ebpf, FAST_RULES)?,
             ctrl: map(&mut ebpf, FAST_CTRL)?,
@@ -133,7 +159,10 @@ impl FastPath {
             bypass: bypass.to_vec(),
         });
         tables.reload(&router)?;
-        let mut fast = FastPath { stats, _ebpf: ebpf };
+        let mut fast = FastPath {
+            stats: Arc::new(StatsReader(stats)),
+            _ebpf: ebpf,
+        };
         flows::spawn(
             flows::Owner::new(
                 flows,
@@ -180,19 +209,9 @@ impl FastPath {
         Ok(fast)
     }
 
-    /// The kernel programs' counters, summed over CPUs.
-    pub fn stats(&self) -> Stats {
-        let read = |s: FastStat| {
-            self.stats
-                .get(&(s as u32), 0)
-                .map_or(0, |per_cpu| per_cpu.iter().sum())
-        };
-        Stats {
-            map_full: read(FastStat::MapFull),
-            ring_full: read(FastStat::RingFull),
-            dropped: read(FastStat::Dropped),
-            decided: read(FastStat::Decided),
-        }
+    /// A reader of the kernel programs' counters.
+    pub fn stats(&self) -> Arc<StatsReader> {
+        self.stats.clone()
     }
 }
 

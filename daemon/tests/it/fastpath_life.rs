@@ -8,7 +8,7 @@ use std::{
 };
 
 use crate::{
-    common::topo::{Gateway, SERVER4, Topology, socket, spawn_in, with_gateway},
+    common::topo::{Gateway, SERVER4, Topology, http, socket, spawn_in, with_gateway},
     fastpath::{FAST_PORT, closed_to, fast_config},
 };
 use tpacct::{config::AccountingMode, registry::Traffic};
@@ -116,7 +116,23 @@ fn live_then_deleted(topo: &Topology, gw: &Gateway) {
         0,
         "no proxied socket for a forwarded flow"
     );
-    assert!(gw.registry.close(&id.expect("id")));
+    // The Clash API shows it like any flow, field for field.
+    let (status, body) = http(topo, "GET", "/connections");
+    assert_eq!(status, 200);
+    let c = &body["connections"][0];
+    assert_eq!(c["metadata"]["inboundName"], "DEFAULT-FASTPATH", "{body}");
+    assert_eq!(c["metadata"]["type"], "TProxy");
+    assert_eq!(c["metadata"]["destinationPort"], FAST_PORT.to_string());
+    assert_eq!(c["chains"], serde_json::json!(["DIRECT"]));
+    assert_eq!(c["rule"], "DstPort");
+    assert_eq!(
+        (c["upload"].as_u64(), c["download"].as_u64()),
+        (Some(3_000), Some(3_000))
+    );
+    let id = id.expect("id");
+    assert_eq!(c["id"], id.to_string());
+    let (status, _) = http(topo, "DELETE", &format!("/connections/{id}"));
+    assert_eq!(status, 204);
     let closed = closed_to(gw, FAST_PORT);
     assert_eq!(
         closed.traffic,
@@ -202,6 +218,9 @@ fn a_full_map_sends_the_overflow_to_the_proxy_counted() {
                 ]
             );
             server.join().expect("server");
+            let metric = |name| crate::metrics::metric(topo, name);
+            assert_eq!(metric("tpacct_fast_path_decided_total"), 2.0);
+            assert_eq!(metric("tpacct_fast_path_map_full_total"), 2.0);
         },
     );
 }
