@@ -71,6 +71,7 @@ fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
         old.tproxy_firewall != new.tproxy_firewall,
         "tproxy-firewall",
     );
+    check(old.fast_path != new.fast_path, "fast-path");
     check(old.accounting != new.accounting, "accounting");
     check(
         old.accounting_cgroup != new.accounting_cgroup,

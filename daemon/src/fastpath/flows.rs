@@ -53,8 +53,8 @@ pub(super) struct Owner {
     registry: Arc<Registry>,
     tables: Arc<Tables>,
     router: Arc<Router>,
-    /// The router's version the kernel table was compiled from, and when.
-    compiled: (u64, Instant),
+    /// When the kernel table was last compiled here (for this host's addresses).
+    compiled: Instant,
     live: Std<FlowKey, Live>,
     closing: FuturesUnordered<Closing>,
     lingering: VecDeque<(Instant, FlowKey, u64)>,
@@ -75,7 +75,7 @@ impl Owner {
             map,
             registry,
             tables,
-            compiled: (router.version(), Instant::now()),
+            compiled: Instant::now(),
             router,
             live: Std::new(),
             closing: FuturesUnordered::new(),
@@ -150,14 +150,13 @@ impl Owner {
         }
     }
 
-    /// Recompiles the kernel table when the mode or routing changed (reload, API, provider
-    /// refresh), and now and then for this host's addresses.
+    /// Recompiles the kernel table now and then for this host's addresses (changes of mode
+    /// or routing recompile it at once, see [`super::FastPath::start`]).
     fn recompile(&mut self) {
-        let version = self.router.version();
-        if version == self.compiled.0 && self.compiled.1.elapsed() < ADDRESSES_EVERY {
+        if self.compiled.elapsed() < ADDRESSES_EVERY {
             return;
         }
-        self.compiled = (version, Instant::now());
+        self.compiled = Instant::now();
         if let Err(e) = self.tables.reload(&self.router) {
             tracing::error!("{e}; the previous rule table stays");
         }

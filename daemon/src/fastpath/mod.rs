@@ -159,6 +159,12 @@ impl FastPath {
             bypass: bypass.to_vec(),
         });
         tables.reload(&router)?;
+        let on_change = tables.clone();
+        router.on_change(Box::new(move |router| {
+            if let Err(e) = on_change.reload(router) {
+                tracing::error!("{e}; the previous rule table stays");
+            }
+        }));
         let mut fast = FastPath {
             stats: Arc::new(StatsReader(stats)),
             _ebpf: ebpf,

@@ -186,8 +186,22 @@ pub struct Router {
     routing: ArcSwap<Routing>,
     /// Stops the health checks of the routing in force.
     checks: Mutex<tokio_util::sync::CancellationToken>,
-    /// Bumped by every change of mode or routing (the fast path recompiles on it).
-    version: std::sync::atomic::AtomicU64,
+    /// Told of every change of mode or routing, in the changer's thread (the fast path
+    /// recompiles its kernel table before the change is reported done).
+    listeners: Listeners,
+}
+
+/// A callback run on every change of mode or routing.
+pub type OnChange = Box<dyn Fn(&Router) + Send + Sync>;
+
+/// The callbacks.
+#[derive(Default)]
+struct Listeners(Mutex<Vec<OnChange>>);
+
+impl std::fmt::Debug for Listeners {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Listeners")
+    }
 }
 
 impl Drop for Router {
@@ -208,7 +222,7 @@ impl Router {
             mode: Mutex::new(mode),
             routing: ArcSwap::new(routing),
             checks: Mutex::new(checks),
-            version: std::sync::atomic::AtomicU64::new(0),
+            listeners: Listeners::default(),
         })
     }
 
@@ -218,16 +232,23 @@ impl Router {
 
     pub fn set_mode(&self, mode: Mode) {
         *self.mode.lock().unwrap_or_else(|p| p.into_inner()) = mode;
-        self.bump();
+        self.changed();
     }
 
-    /// Changes with every change of mode or routing.
-    pub fn version(&self) -> u64 {
-        self.version.load(Ordering::Acquire)
+    /// Runs `f` after every change of mode or routing from now on.
+    pub fn on_change(&self, f: OnChange) {
+        self.listeners
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(f);
     }
 
-    fn bump(&self) {
-        self.version.fetch_add(1, Ordering::AcqRel);
+    fn changed(&self) {
+        let listeners = self.listeners.0.lock().unwrap_or_else(|p| p.into_inner());
+        for f in listeners.iter() {
+            f(self);
+        }
     }
 
     /// The routing in force now.
@@ -241,7 +262,7 @@ impl Router {
         let routing = Arc::new(routing);
         let checks = crate::outbound::checks::spawn(routing.clone());
         self.routing.store(routing);
-        self.bump();
+        self.changed();
         let old = std::mem::replace(
             &mut *self.checks.lock().unwrap_or_else(|p| p.into_inner()),
             checks,

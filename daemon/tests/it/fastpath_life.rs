@@ -8,7 +8,7 @@ use std::{
 };
 
 use crate::{
-    common::topo::{Gateway, SERVER4, Topology, http, socket, spawn_in, with_gateway},
+    common::topo::{Gateway, SERVER4, Topology, http, http_with, socket, spawn_in, with_gateway},
     fastpath::{FAST_PORT, closed_to, fast_config},
 };
 use tpacct::{config::AccountingMode, registry::Traffic};
@@ -225,8 +225,67 @@ fn a_full_map_sends_the_overflow_to_the_proxy_counted() {
     );
 }
 
+fn a_reload_recompiles_and_flows_in_progress_keep_their_path() {
+    with_gateway(
+        "fast_reload",
+        AccountingMode::Ebpf,
+        fast_config,
+        |topo, gw| {
+            let server = echo_server(topo, FAST_PORT, 2);
+            let mut held = connect_and_echo(topo, FAST_PORT, 500);
+            // Port 5001 now needs the proxy (REJECT); everything else is decided DIRECT at once.
+            let payload = serde_json::json!({
+                "payload": format!("rules:\n  - DST-PORT,{FAST_PORT},REJECT\n  - MATCH,DIRECT\n")
+            })
+            .to_string();
+            let (status, body) = http_with(topo, "PUT", "/configs?force=true", &payload);
+            assert_eq!(status, 204, "{body}");
+            // The flow in progress keeps the fast path: it still echoes, counted.
+            let more = Topology::run_in(&topo.client, move || {
+                held.write_all(&[b'm'; 700]).expect("write");
+                let mut back = [0u8; 700];
+                held.read_exact(&mut back).expect("echo");
+                held
+            });
+            let refused = Topology::run_in(&topo.client, || {
+                let mut c = TcpStream::connect(socket(SERVER4, FAST_PORT)).expect("connect");
+                let mut b = [0u8; 1];
+                matches!(c.read(&mut b), Ok(0) | Err(_))
+            });
+            assert!(refused, "a new flow to the port follows the new rules");
+            drop(more);
+            gw.wait_until(10, "both flows closed", |r| {
+                r.live_count() == 0 && r.closed(10).len() == 2
+            });
+            let closed = gw.registry.closed(10);
+            let fast = closed
+                .iter()
+                .find(|c| c.meta.inbound_name == "DEFAULT-FASTPATH")
+                .expect("the held flow");
+            assert_eq!(
+                fast.traffic,
+                Traffic {
+                    upload: 1_200,
+                    download: 1_200
+                }
+            );
+            assert_eq!(
+                fast.route.rule, "DstPort",
+                "labelled by the rules it was decided by"
+            );
+            let rejected = closed
+                .iter()
+                .find(|c| c.meta.inbound_name == "DEFAULT-TPROXY")
+                .expect("the refused flow");
+            assert_eq!(rejected.route.chains, ["REJECT"]);
+            drop(server);
+        },
+    );
+}
+
 crate::tests![
     root a_deleted_flow_ends_and_what_is_left_is_dropped,
     root a_reset_ends_the_flow_with_what_was_seen,
     root a_full_map_sends_the_overflow_to_the_proxy_counted,
+    root a_reload_recompiles_and_flows_in_progress_keep_their_path,
 ];

@@ -138,29 +138,39 @@ pub fn client_main(kind: &str, addr: &str, arg: &str) -> Result<()> {
             println!("{}", total as f64 / n as f64);
         }
         "churn" => {
+            // Prints connections per second, then the payload bytes that went up and down
+            // (what the gateway must have counted, to the byte).
             let until = Instant::now() + Duration::from_secs(n);
             let threads: Vec<_> = (0..4)
                 .map(|_| {
                     let addr = addr.to_owned();
                     std::thread::spawn(move || {
-                        let mut done = 0u64;
+                        let (mut done, mut up, mut down) = (0u64, 0u64, 0u64);
                         while Instant::now() < until {
                             let Ok(mut c) = TcpStream::connect(&addr) else {
                                 continue;
                             };
                             let mut b = [0u8; 1];
-                            if c.write_all(b"c").is_ok() && c.read_exact(&mut b).is_ok() {
-                                let _ = c.read(&mut b); // the server's FIN
-                                done += 1;
+                            if c.write_all(b"c").is_ok() {
+                                up += 1;
+                                if c.read_exact(&mut b).is_ok() {
+                                    down += 1;
+                                    let _ = c.read(&mut b); // the server's FIN
+                                    done += 1;
+                                }
                             }
                             let _ = c.shutdown(Shutdown::Both);
                         }
-                        done
+                        (done, up, down)
                     })
                 })
                 .collect();
-            let total: u64 = threads.into_iter().map(|t| t.join().unwrap_or(0)).sum();
-            println!("{}", total as f64 / n as f64);
+            let (mut total, mut up, mut down) = (0u64, 0u64, 0u64);
+            for t in threads {
+                let (d, u, w) = t.join().unwrap_or((0, 0, 0));
+                (total, up, down) = (total + d, up + u, down + w);
+            }
+            println!("{} {up} {down}", total as f64 / n as f64);
         }
         "latency" => {
             let mut c = TcpStream::connect(addr)?;

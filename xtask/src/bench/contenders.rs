@@ -26,10 +26,12 @@ pub enum Contender {
     MihomoRules,
     /// tpacctd (eBPF) with `storage: {enable: false}` (connection churn only).
     TpacctNoHistory,
+    /// tpacctd (eBPF) with `fast-path` on: DIRECT flows forwarded by the kernel, counted in tc.
+    TpacctFast,
 }
 
 impl Contender {
-    pub(super) const ALL: [Contender; 8] = [
+    pub(super) const ALL: [Contender; 9] = [
         Contender::Kernel,
         Contender::TpacctEbpf,
         Contender::TpacctUserspace,
@@ -38,6 +40,7 @@ impl Contender {
         Contender::TpacctRules,
         Contender::MihomoRules,
         Contender::TpacctNoHistory,
+        Contender::TpacctFast,
     ];
 
     /// Its name on the command line (`--only`).
@@ -51,6 +54,7 @@ impl Contender {
             Contender::TpacctRules => "ebpf-rules",
             Contender::MihomoRules => "mihomo-rules",
             Contender::TpacctNoHistory => "ebpf-no-history",
+            Contender::TpacctFast => "fast-path",
         }
     }
 
@@ -74,6 +78,7 @@ impl Contender {
             Contender::TpacctRules => "tpacctd (eBPF, 10k rules)",
             Contender::MihomoRules => "mihomo (10k rules)",
             Contender::TpacctNoHistory => "tpacctd (eBPF, history off)",
+            Contender::TpacctFast => "tpacctd fast path",
         }
     }
 
@@ -93,6 +98,7 @@ impl Contender {
                 | Contender::TpacctUserspace
                 | Contender::TpacctRules
                 | Contender::TpacctNoHistory
+                | Contender::TpacctFast
         )
     }
 
@@ -314,7 +320,10 @@ pub(super) fn start(who: Contender, topo: &Topology, daemon: &Path, dir: &Path) 
             let config = config.to_string_lossy().into_owned();
             return behind_rules(topo, Path::new("haproxy"), &["-db", "-f", &config]);
         }
-        Contender::TpacctEbpf | Contender::TpacctRules | Contender::TpacctNoHistory => "ebpf",
+        Contender::TpacctEbpf
+        | Contender::TpacctRules
+        | Contender::TpacctNoHistory
+        | Contender::TpacctFast => "ebpf",
         Contender::TpacctUserspace => "userspace",
     };
     let storage = if who == Contender::TpacctNoHistory {
@@ -332,6 +341,11 @@ pub(super) fn start(who: Contender, topo: &Topology, daemon: &Path, dir: &Path) 
     } else {
         String::new()
     };
+    let fast = if who == Contender::TpacctFast {
+        "fast-path:\n  enable: true\n  interfaces: [gw-lan]\n"
+    } else {
+        ""
+    };
     let config = dir.join(format!("tpacct-{who:?}.yaml"));
     std::fs::write(
         &config,
@@ -339,7 +353,7 @@ pub(super) fn start(who: Contender, topo: &Topology, daemon: &Path, dir: &Path) 
             "log-level: warning\naccounting: {mode}\ntproxy-port: 7893\nrouting-mark: 6666\n\
              mixed-port: {MIXED_PORT}\nallow-lan: true\n\
              tcp-idle-timeout: 0\nmax-connections: 200000\nexternal-controller: 127.0.0.1:9090\n\
-             secret: bench\n{storage}tproxy-firewall:\n  interfaces: [gw-lan]\nrules:\n{rules}  \
+             secret: bench\n{storage}{fast}tproxy-firewall:\n  interfaces: [gw-lan]\nrules:\n{rules}  \
              - 'MATCH,DIRECT'\n"
         ),
     )?;

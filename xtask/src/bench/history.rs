@@ -151,7 +151,8 @@ pub(super) fn json(q: &Queries) -> String {
 }
 
 /// The store's counters from the gateway's `/metrics`: (written, pending, dropped).
-pub(super) fn store_counts(topo: &crate::netns::Topology) -> Result<(f64, f64, f64)> {
+/// tpacctd's `/metrics` text.
+fn metrics(topo: &crate::netns::Topology) -> Result<String> {
     let out = crate::netns::Topology::exec(&topo.gateway, Path::new("curl"))
         .args([
             "-sf",
@@ -161,7 +162,36 @@ pub(super) fn store_counts(topo: &crate::netns::Topology) -> Result<(f64, f64, f
         ])
         .output()
         .context("curl /metrics")?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Payload bytes tpacctd counted (closed and live flows, upload and download), once no flow
+/// is live (so none is mid-way): waits up to 10 s for the last ones to close.
+pub(super) fn counted_bytes(topo: &crate::netns::Topology) -> Result<(f64, f64)> {
+    let sum = |text: &str, prefix: &str, with: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(with))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = metrics(topo)?;
+        if sum(&text, "tpacct_flows_active", "") == 0.0 {
+            return Ok((
+                sum(&text, "tpacct_bytes_total{", "direction=\"upload\""),
+                sum(&text, "tpacct_bytes_total{", "direction=\"download\""),
+            ));
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("flows were still live 10 s after the workload");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+pub(super) fn store_counts(topo: &crate::netns::Topology) -> Result<(f64, f64, f64)> {
+    let text = metrics(topo)?;
     let value = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())

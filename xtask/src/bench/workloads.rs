@@ -154,12 +154,22 @@ fn churn(run: &Run<'_>, samples: &mut Samples) -> Result<()> {
         .then(|| history::store_counts(topo))
         .transpose()?;
     let writer_before = pid.and_then(|p| thread_cpu_seconds(p, "tpacct-store"));
+    let counted_before = who
+        .is_tpacct()
+        .then(|| history::counted_bytes(topo))
+        .transpose()?;
     let started = Instant::now();
     let rate = client(topo, me, &["churn", &echo, &d.churn.as_secs().to_string()])?;
     if let Some(r) = recording {
         r.stop()?;
     }
     samples.add("churn", who, rate[0]);
+    if let (Some((up0, down0)), &[_, up, down]) = (counted_before, &rate[..]) {
+        // Every flow of the churn counted to the byte: what tpacctd counted minus what moved.
+        let (up1, down1) = history::counted_bytes(topo)?;
+        let missed = ((up1 - up0) - up).abs() + ((down1 - down0) - down).abs();
+        samples.add("churn_exact", who, missed);
+    }
     if let Some((written, _, dropped)) = before {
         let (now, pending, dropped_now) = history::store_counts(topo)?;
         samples.add(
