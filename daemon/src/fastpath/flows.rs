@@ -31,7 +31,7 @@ use crate::{
 const TICK: Duration = Duration::from_secs(1);
 /// How long a closed flow's entry stays so its last packets (the final ACK, a retransmitted
 /// FIN) still pass.
-const LINGER: Duration = Duration::from_secs(10);
+const LINGER: Duration = Duration::from_secs(3);
 
 /// How often this host's own addresses are looked up again (they stay off the fast path).
 const ADDRESSES_EVERY: Duration = Duration::from_secs(30);
@@ -60,6 +60,9 @@ pub(super) struct Owner {
     lingering: VecDeque<(Instant, FlowKey, u64)>,
     tcp_idle: Duration,
     udp_idle: Duration,
+    stats: Arc<super::StatsReader>,
+    /// Flows proxied for a full map, as last logged.
+    map_full: u64,
 }
 
 impl Owner {
@@ -70,6 +73,7 @@ impl Owner {
         router: Arc<Router>,
         tcp_idle: Duration,
         udp_idle: Duration,
+        stats: Arc<super::StatsReader>,
     ) -> Owner {
         Owner {
             map,
@@ -82,6 +86,8 @@ impl Owner {
             lingering: VecDeque::new(),
             tcp_idle,
             udp_idle,
+            stats,
+            map_full: 0,
         }
     }
 
@@ -94,6 +100,16 @@ impl Owner {
             self.closed(event).await;
         }
         self.recompile();
+        let full = self.stats.read().map_full;
+        if full > self.map_full {
+            tracing::warn!(
+                "fast-path: {} flows decided DIRECT were proxied because the flow map was full \
+                 ({} live); raise `fast-path.max-flows`",
+                full - self.map_full,
+                self.live.len()
+            );
+            self.map_full = full;
+        }
         let now_ns = monotonic_ns();
         let mut seen = HashSet::with_capacity(self.live.len());
         let entries: Vec<(FlowKey, FastFlow)> = self.map.iter().filter_map(Result::ok).collect();

@@ -165,10 +165,7 @@ impl FastPath {
                 tracing::error!("{e}; the previous rule table stays");
             }
         }));
-        let mut fast = FastPath {
-            stats: Arc::new(StatsReader(stats)),
-            _ebpf: ebpf,
-        };
+        let stats = Arc::new(StatsReader(stats));
         flows::spawn(
             flows::Owner::new(
                 flows,
@@ -177,12 +174,14 @@ impl FastPath {
                 router,
                 std::time::Duration::from_secs(config.tcp_idle_timeout),
                 udp_idle,
+                stats.clone(),
             ),
             events,
             cancel,
             tracker,
         )
         .map_err(Error::Ring)?;
+        let mut fast = FastPath { stats, _ebpf: ebpf };
         for (name, direction) in [
             ("tpacct_fast_ingress", TcAttachType::Ingress),
             ("tpacct_fast_egress", TcAttachType::Egress),

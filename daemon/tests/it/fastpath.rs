@@ -193,8 +193,117 @@ fn udp_datagrams_are_counted_until_idle() {
     });
 }
 
+/// TcpExtTCPFastOpenActive in `ns`: connections whose SYN carried data.
+fn fast_opens(ns: &crate::common::Netns) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "nstat",
+            "-az",
+            "TcpExtTCPFastOpenActive",
+        ])
+        .output()
+        .expect("nstat");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("TcpExtTCPFastOpenActive")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+fn set_int(socket: &socket2::Socket, name: libc::c_int, value: libc::c_int) {
+    // SAFETY: a valid socket and a c_int option value of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::IPPROTO_TCP,
+            name,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt {name}");
+}
+
+fn data_on_a_fast_open_syn_is_counted() {
+    with_gateway("fast_tfo", AccountingMode::Ebpf, fast_config, |topo, gw| {
+        for ns in [&topo.client, &topo.server] {
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns.name,
+                "sysctl",
+                "-qw",
+                "net.ipv4.tcp_fastopen=3",
+            ]);
+        }
+        let listen = socket(SERVER4, FAST_PORT);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let server = spawn_in(&topo.server, move || {
+            let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("socket");
+            l.set_reuse_address(true).expect("reuse");
+            l.bind(&listen.into()).expect("bind");
+            set_int(&l, libc::TCP_FASTOPEN, 16);
+            l.listen(16).expect("listen");
+            let l: TcpListener = l.into();
+            ready_tx.send(()).expect("ready");
+            for _ in 0..2 {
+                let (mut c, _) = l.accept().expect("accept");
+                let (got, _) = read_all(&mut c);
+                write_pattern(&mut c, got * 2);
+            }
+        });
+        ready_rx.recv().expect("ready");
+        let before = fast_opens(&topo.client);
+        let sizes = [300u64, 900];
+        spawn_in(&topo.client, move || {
+            for n in sizes {
+                // The first connection fetches the cookie; the second sends its data in the SYN.
+                let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .expect("socket");
+                set_int(&s, libc::TCP_FASTOPEN_CONNECT, 1);
+                s.connect(&listen.into()).expect("connect");
+                let mut c: TcpStream = s.into();
+                write_pattern(&mut c, n);
+                c.shutdown(Shutdown::Write).expect("shutdown");
+                assert_eq!(read_all(&mut c).0, n * 2);
+            }
+        })
+        .join()
+        .expect("client");
+        server.join().expect("server");
+        assert!(fast_opens(&topo.client) > before, "a SYN carried data");
+        gw.wait_until(10, "both flows closed", |r| r.closed(10).len() == 2);
+        let mut totals: Vec<Traffic> = gw.registry.closed(10).iter().map(|c| c.traffic).collect();
+        totals.sort_unstable_by_key(|t| t.upload);
+        assert_eq!(
+            totals,
+            [
+                Traffic {
+                    upload: 300,
+                    download: 600
+                },
+                Traffic {
+                    upload: 900,
+                    download: 1_800
+                },
+            ]
+        );
+    });
+}
+
 crate::tests![
     root tcp_is_forwarded_and_counted_exactly,
     root undecided_flows_are_proxied_and_ipv6_is_forwarded,
     root udp_datagrams_are_counted_until_idle,
+    root data_on_a_fast_open_syn_is_counted,
 ];

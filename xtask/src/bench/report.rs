@@ -3,11 +3,17 @@
 use super::{Durations, Samples, contenders::Contender, open_files_limit};
 
 /// Workloads in report order: (key, description, unit, higher is better).
-pub(super) const METRICS: [(&str, &str, &str, bool); 17] = [
+pub(super) const METRICS: [(&str, &str, &str, bool); 18] = [
     ("tput1", "TCP throughput, 1 stream", "Gbit/s", true),
     ("tput8", "TCP throughput, 8 streams", "Gbit/s", true),
     ("cpu1", "gateway CPU per GB, 1 stream", "CPU s/GB", false),
     ("churn", "connection churn", "conn/s", true),
+    (
+        "churn_cpu",
+        "gateway process CPU per connection, churn",
+        "µs",
+        false,
+    ),
     (
         "churn_exact",
         "bytes counted − bytes moved, churn (0: every flow exact)",

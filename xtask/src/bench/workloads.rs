@@ -158,12 +158,21 @@ fn churn(run: &Run<'_>, samples: &mut Samples) -> Result<()> {
         .is_tpacct()
         .then(|| history::counted_bytes(topo))
         .transpose()?;
+    let cpu_before = pid.and_then(cpu_seconds);
     let started = Instant::now();
     let rate = client(topo, me, &["churn", &echo, &d.churn.as_secs().to_string()])?;
     if let Some(r) = recording {
         r.stop()?;
     }
     samples.add("churn", who, rate[0]);
+    if let (Some(before), Some(after)) = (cpu_before, pid.and_then(cpu_seconds)) {
+        let connections = rate[0] * d.churn.as_secs_f64();
+        samples.add(
+            "churn_cpu",
+            who,
+            (after - before) * 1e6 / connections.max(1.0),
+        );
+    }
     if let (Some((up0, down0)), &[_, up, down]) = (counted_before, &rate[..]) {
         // Every flow of the churn counted to the byte: what tpacctd counted minus what moved.
         let (up1, down1) = history::counted_bytes(topo)?;
