@@ -4,7 +4,7 @@
 //! drop what is left of it rather than forward it uncounted).
 
 use std::{
-    collections::{HashMap as Std, HashSet, VecDeque},
+    collections::VecDeque,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     pin::Pin,
     sync::Arc,
@@ -12,6 +12,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, MapData, RingBuf};
+use foldhash::{HashMap as Std, HashMapExt, HashSet, HashSetExt};
 use futures_util::{FutureExt, StreamExt, stream::FuturesUnordered};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tpacct_common::{

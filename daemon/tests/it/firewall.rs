@@ -1,6 +1,7 @@
 //! The managed firewall with the real binary in the gateway namespace: rules present (and
 //! traffic captured) while running, gone after SIGTERM; after SIGKILL they stay, and the next
-//! start cleans them and installs exactly one set.
+//! start cleans them and installs exactly one set. The fast path's programs go with the
+//! process, even on SIGKILL, and come back once with the next start.
 
 use std::{
     io::{Read, Write},
@@ -47,6 +48,11 @@ fn installed(ns: &str) -> (bool, usize, usize, usize) {
 
 /// One echo through the gateway proves the rules capture traffic.
 fn echo_through(topo: &Topology) {
+    echo_from(topo, "10.91.2.1", "the connection was relayed by tpacct");
+}
+
+/// One echo through the gateway; the server saw it come from `peer_ip`.
+fn echo_from(topo: &Topology, peer_ip: &str, why: &str) {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let server = spawn_in(&topo.server, move || {
         let listener = TcpListener::bind(socket(SERVER4, 7000)).expect("bind");
@@ -66,12 +72,58 @@ fn echo_through(topo: &Topology) {
         assert_eq!(&buf, b"ping");
     });
     let peer = server.join().expect("server");
-    // The proxy dialed from the gateway, not the client.
-    assert_eq!(
-        peer.ip().to_string(),
-        "10.91.2.1",
-        "the connection was relayed by tpacct"
+    assert_eq!(peer.ip().to_string(), peer_ip, "{why}");
+}
+
+/// The fast path's tc programs attached to `dev` in `ns` (ingress, egress).
+fn tc_programs(topo: &Topology, dev: &'static str) -> (usize, usize) {
+    Topology::run_in(&topo.gateway, move || {
+        let count = |t| {
+            aya::programs::SchedClassifier::query_tcx(dev, t)
+                .map(|(_, programs)| programs.len())
+                .unwrap_or(0)
+        };
+        (
+            count(aya::programs::TcAttachType::Ingress),
+            count(aya::programs::TcAttachType::Egress),
+        )
+    })
+}
+
+fn the_fast_path_follows_the_daemon_through_sigkill() {
+    let _turn = crate::common::serial();
+    let topo = Topology::new();
+    let gw = topo.gateway.name.clone();
+    let config = crate::common::scratch::file(
+        "fw-fast.yaml",
+        "tproxy-port: 7893\nrouting-mark: 6666\ntproxy-firewall:\n  interfaces: [g1]\n\
+         fast-path:\n  enable: true\n  interfaces: [g1]\n",
     );
+    let args = ["run", "--config", config.to_str().expect("utf-8")];
+    let forwarded = "forwarded by the kernel: the server sees the client";
+
+    let daemon = Daemon::start(Some(&gw), &args);
+    daemon.wait_for("ready");
+    assert_eq!(tc_programs(&topo, "g1"), (1, 1));
+    echo_from(&topo, "10.91.1.2", forwarded);
+    daemon.kill();
+    assert_eq!(
+        tc_programs(&topo, "g1"),
+        (0, 0),
+        "TCX links die with the process"
+    );
+    assert!(
+        installed(&gw).0,
+        "the nftables table stays until the next start"
+    );
+
+    let daemon = Daemon::start(Some(&gw), &args);
+    daemon.wait_for("ready");
+    assert_eq!(tc_programs(&topo, "g1"), (1, 1), "attached once again");
+    echo_from(&topo, "10.91.1.2", forwarded);
+    assert!(daemon.terminate().success());
+    assert_eq!(tc_programs(&topo, "g1"), (0, 0));
+    assert_eq!(installed(&gw), (false, 0, 0, 0));
 }
 
 /// The daemon's accounting cgroup, seen from here: under `ip netns exec` it names it by its
@@ -126,4 +178,5 @@ fn rules_follow_the_daemon_through_sigterm_and_sigkill() {
 
 crate::tests![
     root rules_follow_the_daemon_through_sigterm_and_sigkill,
+    root the_fast_path_follows_the_daemon_through_sigkill,
 ];
