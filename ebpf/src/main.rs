@@ -25,17 +25,9 @@ mod process;
 mod programs;
 
 #[cfg(target_arch = "bpf")]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
+mod object;
 
 /// The programs only exist for the BPF target; on the host this crate is an empty binary so
 /// that `cargo clippy --workspace --all-targets` can still check it.
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
-
-#[cfg(target_arch = "bpf")]
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -285,6 +285,32 @@ pub fn routing_from_yaml(config: &mut Config, text: &str) {
     }
 }
 
+/// One TCP connection to `target` (a server started in the server namespace): the client
+/// sends `up` bytes and half-closes, the server reads them all, answers `down` bytes and
+/// closes. Both ends check what arrived.
+pub fn transfer(topo: &Topology, target: SocketAddr, up: u64, down: u64) {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = spawn_in(&topo.server, move || {
+        let listener = std::net::TcpListener::bind(target).expect("server bind");
+        ready_tx.send(()).expect("ready");
+        let (mut conn, _) = listener.accept().expect("accept");
+        let got = read_all(&mut conn);
+        let sent = write_pattern(&mut conn, down);
+        (got, sent)
+    });
+    ready_rx.recv().expect("server ready");
+    let client = spawn_in(&topo.client, move || {
+        let mut conn = std::net::TcpStream::connect(target).expect("client connect");
+        let sent = write_pattern(&mut conn, up);
+        conn.shutdown(std::net::Shutdown::Write).expect("shutdown");
+        (sent, read_all(&mut conn))
+    });
+    let (client_sent, client_got) = client.join().expect("client");
+    let (server_got, server_sent) = server.join().expect("server");
+    assert_eq!(server_got, (up, client_sent), "upload arrived intact");
+    assert_eq!(client_got, (down, server_sent), "download arrived intact");
+}
+
 /// Writes `n` pattern bytes; returns their FNV-1a checksum.
 pub fn write_pattern(stream: &mut impl std::io::Write, n: u64) -> u64 {
     let mut buf = vec![0u8; 64 * 1024];

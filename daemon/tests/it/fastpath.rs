@@ -10,7 +10,7 @@ use std::{
 use crate::common::{
     run,
     topo::{
-        CLIENT4, SERVER4, SERVER6, Topology, read_all, socket, spawn_in, with_gateway,
+        CLIENT4, SERVER4, SERVER6, Topology, read_all, socket, spawn_in, transfer, with_gateway,
         write_pattern,
     },
 };
@@ -36,30 +36,9 @@ pub(crate) fn fast_config(config: &mut Config) {
     ];
 }
 
-/// One TCP connection: the client sends `up` bytes and half-closes, the server reads them all,
-/// answers `down` bytes and closes. Both ends check what arrived.
+/// One TCP connection to `server_ip`:`port` (see [`transfer`]).
 pub(crate) fn exchange(topo: &Topology, server_ip: &str, port: u16, up: u64, down: u64) {
-    let listen = socket(server_ip, port);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let server = spawn_in(&topo.server, move || {
-        let listener = TcpListener::bind(listen).expect("server bind");
-        ready_tx.send(()).expect("ready");
-        let (mut conn, _) = listener.accept().expect("accept");
-        let got = read_all(&mut conn);
-        let sent = write_pattern(&mut conn, down);
-        (got, sent)
-    });
-    ready_rx.recv().expect("server ready");
-    let client = spawn_in(&topo.client, move || {
-        let mut conn = TcpStream::connect(listen).expect("client connect");
-        let sent = write_pattern(&mut conn, up);
-        conn.shutdown(Shutdown::Write).expect("shutdown");
-        (sent, read_all(&mut conn))
-    });
-    let (client_sent, client_got) = client.join().expect("client");
-    let (server_got, server_sent) = server.join().expect("server");
-    assert_eq!(server_got, (up, client_sent), "upload arrived intact");
-    assert_eq!(client_got, (down, server_sent), "download arrived intact");
+    transfer(topo, socket(server_ip, port), up, down);
 }
 
 /// Waits for the flow to `port` to close and returns it.
@@ -127,26 +106,21 @@ fn undecided_flows_are_proxied_and_ipv6_is_forwarded() {
         AccountingMode::Ebpf,
         fast_config,
         |topo, gw| {
-            exchange(topo, SERVER4, PROXIED_PORT, 3_000, 50_000);
-            let proxied = closed_to(gw, PROXIED_PORT);
-            assert_eq!(proxied.meta.inbound_name, "DEFAULT-TPROXY");
-            assert_eq!(
-                proxied.traffic,
-                Traffic {
-                    upload: 3_000,
-                    download: 50_000
-                }
-            );
-            exchange(topo, SERVER6, FAST_PORT, 70_000, 9);
-            let fast = closed_to(gw, FAST_PORT);
-            assert_eq!(fast.meta.inbound_name, "DEFAULT-FASTPATH");
-            assert_eq!(
-                fast.traffic,
-                Traffic {
-                    upload: 70_000,
-                    download: 9
-                }
-            );
+            for (server, port, inbound, up, down) in [
+                (SERVER4, PROXIED_PORT, "DEFAULT-TPROXY", 3_000, 50_000),
+                (SERVER6, FAST_PORT, "DEFAULT-FASTPATH", 70_000, 9),
+            ] {
+                exchange(topo, server, port, up, down);
+                let closed = closed_to(gw, port);
+                assert_eq!(closed.meta.inbound_name, inbound);
+                assert_eq!(
+                    closed.traffic,
+                    Traffic {
+                        upload: up,
+                        download: down
+                    }
+                );
+            }
         },
     );
 }

@@ -4,12 +4,12 @@
 
 use std::{
     io::{Read, Write},
-    net::{Shutdown, TcpListener, TcpStream},
+    net::{TcpListener, TcpStream},
     time::{Duration, Instant},
 };
 
 use crate::common::topo::{
-    CLIENT4, SERVER4, SERVER6, Topology, read_all, socket, spawn_in, with_gateway, write_pattern,
+    CLIENT4, SERVER4, SERVER6, Topology, read_all, socket, spawn_in, transfer, with_gateway,
 };
 use tpacct::{config::AccountingMode, registry::Traffic};
 
@@ -22,29 +22,8 @@ pub(crate) fn exchange(
     up: u64,
     down: u64,
 ) {
-    let port = 5001;
-    let listen = socket(server_ip, port);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let server = spawn_in(&topo.server, move || {
-        let listener = TcpListener::bind(listen).expect("server bind");
-        ready_tx.send(()).expect("ready");
-        let (mut conn, _) = listener.accept().expect("accept");
-        let got = read_all(&mut conn);
-        let sent = write_pattern(&mut conn, down);
-        (got, sent)
-    });
-    ready_rx.recv().expect("server ready");
-    let target = socket(server_ip, port);
-    let client = spawn_in(&topo.client, move || {
-        let mut conn = TcpStream::connect(target).expect("client connect");
-        let sent = write_pattern(&mut conn, up);
-        conn.shutdown(Shutdown::Write).expect("shutdown");
-        (sent, read_all(&mut conn))
-    });
-    let (client_sent, client_got) = client.join().expect("client");
-    let (server_got, server_sent) = server.join().expect("server");
-    assert_eq!(server_got, (up, client_sent), "upload arrived intact");
-    assert_eq!(client_got, (down, server_sent), "download arrived intact");
+    let target = socket(server_ip, 5001);
+    transfer(topo, target, up, down);
 
     gw.wait_until(10, "the flow to close", |r| {
         r.live_count() == 0 && !r.closed(1).is_empty()
