@@ -148,7 +148,7 @@ fn tcp_established(ctx: &SockOpsContext) {
     }
     let cookie = cookie_of(ctx);
     let entry = TcpSock {
-        rx_base: u64::from(o.bytes_received),
+        rx_base: o.bytes_received,
         tx_base: o.bytes_acked,
         ..TcpSock::default()
     };

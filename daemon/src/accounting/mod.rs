@@ -3,6 +3,7 @@
 //! reports what it moved through a [`Meter`]). The backend is picked at start and reported.
 
 mod batch;
+pub(crate) use batch::read_all as read_map_batched;
 mod closes;
 pub(crate) use closes::readable;
 mod ebpf;

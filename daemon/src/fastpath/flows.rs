@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use aya::maps::{HashMap, MapData, RingBuf};
+use aya::maps::{HashMap, IterableMap, MapData, RingBuf};
 use foldhash::{HashMap as Std, HashMapExt, HashSet, HashSetExt};
 use futures_util::{FutureExt, StreamExt, stream::FuturesUnordered};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -113,7 +113,7 @@ impl Owner {
         }
         let now_ns = monotonic_ns();
         let mut seen = HashSet::with_capacity(self.live.len());
-        let entries: Vec<(FlowKey, FastFlow)> = self.map.iter().filter_map(Result::ok).collect();
+        let entries = self.entries();
         for (key, value) in entries {
             seen.insert(key);
             if value.flags & fast_flags::CLOSED != 0 {
@@ -176,6 +176,15 @@ impl Owner {
         self.compiled = Instant::now();
         if let Err(e) = self.tables.reload(&self.router) {
             tracing::error!("{e}; the previous rule table stays");
+        }
+    }
+
+    /// Every entry, a few thousand per system call (entry by entry where the kernel cannot).
+    fn entries(&self) -> Vec<(FlowKey, FastFlow)> {
+        use std::os::fd::AsFd;
+        match crate::accounting::read_map_batched(self.map.map().fd().as_fd()) {
+            Ok(all) => all,
+            Err(_) => self.map.iter().filter_map(Result::ok).collect(),
         }
     }
 

@@ -125,46 +125,83 @@ fn undecided_flows_are_proxied_and_ipv6_is_forwarded() {
     );
 }
 
+/// Datagrams of several sizes (one fragmented) to `server_ip`, each answered with twice its
+/// size; with `options`, every client datagram carries an IPv6 destination-options header.
+fn udp_round(topo: &Topology, gw: &crate::common::topo::Gateway, server_ip: &str, options: bool) {
+    let server_addr = socket(server_ip, FAST_PORT);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let sizes = [1usize, 100, 1400, 8000];
+    let server = spawn_in(&topo.server, move || {
+        let sock = UdpSocket::bind(server_addr).expect("bind");
+        ready_tx.send(()).expect("ready");
+        let mut buf = vec![0u8; 65_536];
+        for _ in sizes {
+            let (n, from) = sock.recv_from(&mut buf).expect("recv");
+            sock.send_to(&buf[..n * 2], from).expect("reply");
+        }
+    });
+    ready_rx.recv().expect("ready");
+    spawn_in(&topo.client, move || {
+        let any = if server_addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let sock = UdpSocket::bind(any).expect("bind");
+        if options {
+            // An 8-byte destination-options header holding one PadN option.
+            let header: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+            // SAFETY: a valid socket; the option value is `header`, of the length given.
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&sock),
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_DSTOPTS,
+                    header.as_ptr().cast(),
+                    header.len() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "IPV6_DSTOPTS");
+        }
+        sock.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = vec![0u8; 65_536];
+        for n in sizes {
+            sock.send_to(&vec![b'u'; n], server_addr).expect("send");
+            let (got, from) = sock.recv_from(&mut buf).expect("reply");
+            assert_eq!((got, from), (n * 2, server_addr));
+        }
+    })
+    .join()
+    .expect("client");
+    server.join().expect("server");
+    let up: usize = sizes.iter().sum();
+    let closed = closed_to(gw, FAST_PORT);
+    assert_eq!(closed.meta.inbound_name, "DEFAULT-FASTPATH");
+    assert_eq!(
+        closed.traffic,
+        Traffic {
+            upload: up as u64,
+            download: 2 * up as u64
+        }
+    );
+}
+
 fn udp_datagrams_are_counted_until_idle() {
     with_gateway("fast_udp", AccountingMode::Ebpf, fast_config, |topo, gw| {
-        let server_addr = socket(SERVER4, FAST_PORT);
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let sizes = [1usize, 100, 1400, 8000];
-        let server = spawn_in(&topo.server, move || {
-            let sock = UdpSocket::bind(server_addr).expect("bind");
-            ready_tx.send(()).expect("ready");
-            let mut buf = vec![0u8; 65_536];
-            for _ in sizes {
-                let (n, from) = sock.recv_from(&mut buf).expect("recv");
-                sock.send_to(&buf[..n * 2 % 60_000], from).expect("reply");
-            }
-        });
-        ready_rx.recv().expect("ready");
-        spawn_in(&topo.client, move || {
-            let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
-            sock.set_read_timeout(Some(Duration::from_secs(5)))
-                .expect("timeout");
-            let mut buf = vec![0u8; 65_536];
-            for n in sizes {
-                sock.send_to(&vec![b'u'; n], server_addr).expect("send");
-                let (got, from) = sock.recv_from(&mut buf).expect("reply");
-                assert_eq!((got, from), (n * 2, server_addr));
-            }
-        })
-        .join()
-        .expect("client");
-        server.join().expect("server");
-        let up: usize = sizes.iter().sum();
-        let closed = closed_to(gw, FAST_PORT);
-        assert_eq!(closed.meta.inbound_name, "DEFAULT-FASTPATH");
-        assert_eq!(
-            closed.traffic,
-            Traffic {
-                upload: up as u64,
-                download: 2 * up as u64
-            }
-        );
+        udp_round(topo, gw, SERVER4, false);
     });
+}
+
+fn ipv6_extension_headers_are_skipped() {
+    with_gateway(
+        "fast_udp6",
+        AccountingMode::Ebpf,
+        fast_config,
+        |topo, gw| {
+            udp_round(topo, gw, SERVER6, true);
+        },
+    );
 }
 
 /// TcpExtTCPFastOpenActive in `ns`: connections whose SYN carried data.
@@ -279,5 +316,6 @@ crate::tests![
     root tcp_is_forwarded_and_counted_exactly,
     root undecided_flows_are_proxied_and_ipv6_is_forwarded,
     root udp_datagrams_are_counted_until_idle,
+    root ipv6_extension_headers_are_skipped,
     root data_on_a_fast_open_syn_is_counted,
 ];

@@ -2,6 +2,13 @@
 //! it DIRECT, marks it so nftables lets the kernel forward it, and counts its payload exactly —
 //! from sequence numbers for TCP, per datagram for UDP.
 
+// Keys and values go to the map helpers by reference: by value they would be copied onto the
+// 512-byte BPF stack the verifier counts across calls.
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "by reference keeps 40-byte keys off the BPF stack"
+)]
+
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT},
     btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
@@ -9,12 +16,14 @@ use aya_ebpf::{
     macros::{btf_map, classifier},
     programs::TcContext,
 };
-use tpacct_common::{
-    AF_INET, AF_INET6,
-    fastpath::{
-        FAST_RING_BYTES, FastCtrl, FastEvent, FastFlow, FastRule, FastStat, FlowKey,
-        MAX_FAST_FLOWS, MAX_FAST_RULES, RULE_PORT_RANGES, fast_flags, fast_reason, rule_kind,
-    },
+mod packet;
+mod seq;
+
+use packet::{IPPROTO_TCP, Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, parse};
+use seq::{advance, atomic_add, extend, fetch_or};
+use tpacct_common::fastpath::{
+    FAST_RING_BYTES, FastCtrl, FastEvent, FastFlow, FastRule, FastStat, FlowKey, MAX_FAST_FLOWS,
+    MAX_FAST_RULES, RULE_PORT_RANGES, fast_flags, fast_reason, rule_kind,
 };
 
 #[btf_map]
@@ -39,16 +48,6 @@ static TPACCT_FAST_MARK: u32 = 0;
 #[unsafe(no_mangle)]
 static TPACCT_COUNTED_MARK: u32 = 0;
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
-
 fn global(v: &'static u32) -> u32 {
     // SAFETY: a read of a global the loader set before the program was loaded; volatile so the
     // compiler does not fold the initial 0.
@@ -65,202 +64,6 @@ fn bump(stat: FastStat) {
 fn now() -> u64 {
     // SAFETY: no preconditions.
     unsafe { bpf_ktime_get_ns() }
-}
-
-/// `*p |= bits` atomically; the value before.
-#[inline(always)]
-fn fetch_or(p: *mut u64, bits: u64) -> u64 {
-    let mut v = bits;
-    // SAFETY: `p` points at a u64 field of a live map value; one atomic instruction.
-    unsafe {
-        core::arch::asm!(
-            "{v} = atomic_fetch_or((u64 *)({p} + 0), {v})",
-            p = in(reg) p,
-            v = inout(reg) v,
-        );
-    }
-    v
-}
-
-/// `*p += v` atomically.
-#[inline(always)]
-fn atomic_add(p: *mut u64, v: u64) {
-    // SAFETY: as for `fetch_or`.
-    unsafe {
-        core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) p, v = in(reg) v);
-    }
-}
-
-/// If `*p == expected`, stores `new`; returns the value found.
-#[inline(always)]
-fn cmpxchg(p: *mut u64, expected: u64, new: u64) -> u64 {
-    let mut found = expected;
-    // SAFETY: as for `fetch_or`; r0 carries the expected value in and the found value out.
-    unsafe {
-        core::arch::asm!(
-            "r0 = cmpxchg_64({p} + 0, r0, {new})",
-            p = in(reg) p,
-            new = in(reg) new,
-            inout("r0") found,
-        );
-    }
-    found
-}
-
-/// `seq` (32 bits) placed next to the extended `near`: the 64-bit value within 2^31 of it.
-fn extend(near: u64, seq: u32) -> u64 {
-    let delta = seq.wrapping_sub(near as u32) as i32;
-    near.wrapping_add(delta as i64 as u64)
-}
-
-/// Raises the extended sequence number at `p` to `seq` if that is ahead of it, race-free
-/// across CPUs.
-fn advance(p: *mut u64, seq: u32) {
-    // SAFETY: `p` points at a u64 field of a live map value.
-    let mut cur = unsafe { core::ptr::read_volatile(p) };
-    for _ in 0..8 {
-        let want = extend(cur, seq);
-        if (want.wrapping_sub(cur) as i64) <= 0 {
-            return;
-        }
-        let found = cmpxchg(p, cur, want);
-        if found == cur {
-            return;
-        }
-        cur = found;
-    }
-}
-
-/// What a packet says about its flow.
-struct Packet {
-    key: FlowKey,
-    /// TCP flags (0 for UDP).
-    flags: u8,
-    seq: u32,
-    payload: u32,
-}
-
-fn load<T>(ctx: &TcContext, at: usize) -> Option<T> {
-    ctx.load::<T>(at).ok()
-}
-
-/// Parses Ethernet + IPv4/IPv6 (extension headers skipped) + TCP/UDP. The key is oriented
-/// client → server: `upload` packets are the client's, the others the server's.
-fn parse(ctx: &TcContext, upload: bool) -> Option<Packet> {
-    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
-    let mut src = [0u32; 4];
-    let mut dst = [0u32; 4];
-    let (family, mut proto, l4, ip_payload) = match ethertype {
-        ETH_P_IP => {
-            let first: u8 = load(ctx, ETH_HLEN)?;
-            let ihl = usize::from(first & 0x0f) * 4;
-            let frag = u16::from_be(load::<u16>(ctx, ETH_HLEN + 6)?);
-            if frag & 0x1fff != 0 {
-                return None;
-            }
-            let tot = u32::from(u16::from_be(load::<u16>(ctx, ETH_HLEN + 2)?));
-            // IPv4 BIG TCP: tot_len 0, the length is the skb's.
-            let tot = if tot == 0 {
-                ctx.len().saturating_sub(ETH_HLEN as u32)
-            } else {
-                tot
-            };
-            src[0] = load(ctx, ETH_HLEN + 12)?;
-            dst[0] = load(ctx, ETH_HLEN + 16)?;
-            let proto: u8 = load(ctx, ETH_HLEN + 9)?;
-            (
-                AF_INET,
-                proto,
-                ETH_HLEN + ihl,
-                tot.saturating_sub(ihl as u32),
-            )
-        }
-        ETH_P_IPV6 => {
-            let plen = u32::from(u16::from_be(load::<u16>(ctx, ETH_HLEN + 4)?));
-            let plen = if plen == 0 {
-                ctx.len().saturating_sub(ETH_HLEN as u32 + 40)
-            } else {
-                plen
-            };
-            src = load(ctx, ETH_HLEN + 8)?;
-            dst = load(ctx, ETH_HLEN + 24)?;
-            let mut next: u8 = load(ctx, ETH_HLEN + 6)?;
-            let mut at = ETH_HLEN + 40;
-            let mut left = plen;
-            for _ in 0..4 {
-                let len = match next {
-                    // Hop-by-hop, routing, destination options.
-                    0 | 43 | 60 => (usize::from(load::<u8>(ctx, at + 1)?) + 1) * 8,
-                    // Fragment: only a first fragment carries the transport header.
-                    44 => {
-                        let off = u16::from_be(load::<u16>(ctx, at + 2)?);
-                        if off & 0xfff8 != 0 {
-                            return None;
-                        }
-                        8
-                    }
-                    _ => break,
-                };
-                next = load(ctx, at)?;
-                at += len;
-                left = left.saturating_sub(len as u32);
-            }
-            (AF_INET6, next, at, left)
-        }
-        _ => return None,
-    };
-    let (sport, dport) = (
-        u16::from_be(load::<u16>(ctx, l4)?),
-        u16::from_be(load::<u16>(ctx, l4 + 2)?),
-    );
-    let (flags, seq, payload) = match proto {
-        IPPROTO_TCP => {
-            let doff = u32::from(load::<u8>(ctx, l4 + 12)? >> 4) * 4;
-            let flags: u8 = load(ctx, l4 + 13)?;
-            let seq = u32::from_be(load::<u32>(ctx, l4 + 4)?);
-            (flags, seq, ip_payload.saturating_sub(doff))
-        }
-        // The UDP header's length: a fragmented datagram's first fragment carries the whole
-        // datagram's (the other fragments have no header and are not looked at).
-        IPPROTO_UDP => (
-            0,
-            0,
-            u32::from(u16::from_be(load::<u16>(ctx, l4 + 4)?)).saturating_sub(8),
-        ),
-        _ => return None,
-    };
-    proto = if proto == IPPROTO_TCP {
-        IPPROTO_TCP
-    } else {
-        IPPROTO_UDP
-    };
-    let key = if upload {
-        FlowKey {
-            client: src,
-            server: dst,
-            client_port: sport,
-            server_port: dport,
-            family: family as u8,
-            proto,
-            _pad: [0; 2],
-        }
-    } else {
-        FlowKey {
-            client: dst,
-            server: src,
-            client_port: dport,
-            server_port: sport,
-            family: family as u8,
-            proto,
-            _pad: [0; 2],
-        }
-    };
-    Some(Packet {
-        key,
-        flags,
-        seq,
-        payload,
-    })
 }
 
 fn prefix_matches(rule: &FastRule, family: u8, addr: &[u32; 4]) -> bool {
@@ -449,7 +252,7 @@ fn mark(ctx: &TcContext, bits: u32) {
 #[classifier]
 pub fn tpacct_fast_ingress(ctx: TcContext) -> i32 {
     upload(&ctx);
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }
 
 fn upload(ctx: &TcContext) {
@@ -512,12 +315,12 @@ fn upload(ctx: &TcContext) {
 #[classifier]
 pub fn tpacct_fast_egress(ctx: TcContext) -> i32 {
     let Some(p) = parse(&ctx, false) else {
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     };
     match TPACCT_FAST_FLOWS.get_ptr_mut(&p.key) {
         Some(value) => {
             count(&p, value, false);
-            TC_ACT_OK as i32
+            TC_ACT_OK
         }
         None => {
             // SAFETY: the program's own skb.
@@ -525,9 +328,9 @@ pub fn tpacct_fast_egress(ctx: TcContext) -> i32 {
             let fast = global(&TPACCT_FAST_MARK);
             if fast != 0 && skb_mark & fast != 0 {
                 bump(FastStat::Dropped);
-                TC_ACT_SHOT as i32
+                TC_ACT_SHOT
             } else {
-                TC_ACT_OK as i32
+                TC_ACT_OK
             }
         }
     }
