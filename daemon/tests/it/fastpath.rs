@@ -10,8 +10,8 @@ use std::{
 use crate::common::{
     run,
     topo::{
-        CLIENT4, SERVER4, SERVER6, Topology, read_all, socket, spawn_in, transfer, with_gateway,
-        write_pattern,
+        CLIENT4, CLIENT6, SERVER4, SERVER6, Topology, read_all, socket, spawn_in, transfer,
+        with_gateway, write_pattern,
     },
 };
 use tpacct::{
@@ -71,14 +71,20 @@ fn lossy(topo: &Topology, n: u32) {
 
 fn tcp_is_forwarded_and_counted_exactly() {
     with_gateway("fast_tcp", AccountingMode::Ebpf, fast_config, |topo, gw| {
-        let sizes: [(u64, u64); 4] = [(0, 0), (1, 1), (1 << 20, 100 << 20), (7, 1 << 20)];
-        for (i, (up, down)) in sizes.into_iter().enumerate() {
+        // (server, up, down); loss on both sides of the gateway from the fourth on.
+        let runs = [
+            (SERVER4, 0, 0),
+            (SERVER4, 1, 1),
+            (SERVER4, 1 << 20, 100 << 20),
+            (SERVER4, 7, 1 << 20),
+            (SERVER6, 1 << 20, 3 << 20),
+        ];
+        for (i, (server, up, down)) in runs.into_iter().enumerate() {
             if i == 3 {
-                // Loss on both sides of the gateway.
                 lossy(topo, 20);
             }
             let port = FAST_PORT + i as u16;
-            exchange(topo, SERVER4, port, up, down);
+            exchange(topo, server, port, up, down);
             let closed = closed_to(gw, port);
             assert_eq!(
                 closed.traffic,
@@ -91,7 +97,8 @@ fn tcp_is_forwarded_and_counted_exactly() {
             assert_eq!(closed.meta.inbound_name, "DEFAULT-FASTPATH");
             assert_eq!(closed.route.chains, ["DIRECT"]);
             assert_eq!(closed.route.rule, "DstPort");
-            assert_eq!(closed.meta.source.ip().to_string(), CLIENT4);
+            let client = if server == SERVER4 { CLIENT4 } else { CLIENT6 };
+            assert_eq!(closed.meta.source.ip().to_string(), client);
             gw.registry
                 .closed(100)
                 .iter()

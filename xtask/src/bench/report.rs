@@ -157,7 +157,9 @@ pub(super) fn report(samples: &Samples, d: &Durations, quick: bool) -> (String, 
          mihomo and haproxy run behind the same nftables TPROXY rule as tpacctd's managed firewall; \
          tpacctd and mihomo also open the same mixed port (SOCKS5 rows: our own client through \
          it, to the same server). The 10k-rules columns run the churn workload with 10,000 \
-         domain and CIDR rules ahead of MATCH in both cores' configs. \
+         domain and CIDR rules ahead of MATCH in both cores' configs. The fast-path column is \
+         tpacctd with `fast-path` on: every flow is decided DIRECT at its SYN and forwarded by \
+         the kernel, counted in tc (the daemon moves no payload, so its CPU per GB is near 0). \
          Scale run: {} (small) and {} (large) idle connections held through the gateway; \
          the large run is capped at half the hard open-files limit ({}), as a proxy holds two \
          descriptors per connection.\n",
