@@ -16,6 +16,10 @@ use uuid::Uuid;
 use crate::accounting::{Accounting, Observed, Tracked};
 pub use crate::flow::{ClosedFlow, Flow, FlowMeta, Leg, LiveFlow, Network, Traffic};
 
+/// The registry's maps hash with foldhash: their keys are ours (ids, route names), not an
+/// attacker's, and SipHash showed in the churn profile.
+type Fast = foldhash::fast::RandomState;
+
 /// Bytes by (outbound, rule type): (upload, download).
 pub type ClosedByRoute = std::collections::HashMap<(String, &'static str), (u64, u64)>;
 
@@ -23,7 +27,7 @@ pub type ClosedByRoute = std::collections::HashMap<(String, &'static str), (u64,
 #[derive(Debug)]
 pub struct Registry {
     accounting: Accounting,
-    live: DashMap<Uuid, Arc<Flow>>,
+    live: DashMap<Uuid, Arc<Flow>, Fast>,
     /// How many of the live flows are UDP sessions (which kernel map is worth a batch read).
     live_udp: std::sync::atomic::AtomicUsize,
     closed: Mutex<VecDeque<ClosedFlow>>,
@@ -36,9 +40,9 @@ pub struct Registry {
     opened: AtomicU64,
     last_opened: Mutex<Option<SystemTime>>,
     /// Flows opened by (network, inbound name), for metrics.
-    opened_by: DashMap<(Network, &'static str), u64>,
+    opened_by: DashMap<(Network, &'static str), u64, Fast>,
     /// Bytes of closed flows by (outbound: the chain's leaf, rule type), for metrics.
-    closed_by_route: DashMap<(String, &'static str), (u64, u64)>,
+    closed_by_route: DashMap<(String, &'static str), (u64, u64), Fast>,
     /// Held for writing while a flow moves from live to the closed ring (and totals), for
     /// reading while totals are summed, so no flow is counted twice or not at all.
     moving: std::sync::RwLock<()>,
@@ -60,7 +64,7 @@ impl Registry {
     pub fn new(accounting: Accounting, closed_capacity: usize) -> Registry {
         Registry {
             accounting,
-            live: DashMap::new(),
+            live: DashMap::default(),
             live_udp: std::sync::atomic::AtomicUsize::new(0),
             closed: Mutex::new(VecDeque::with_capacity(closed_capacity.min(4096))),
             closed_capacity: closed_capacity.max(1),
@@ -69,8 +73,8 @@ impl Registry {
             grace: Duration::from_secs(5),
             opened: AtomicU64::new(0),
             last_opened: Mutex::new(None),
-            opened_by: DashMap::new(),
-            closed_by_route: DashMap::new(),
+            opened_by: DashMap::default(),
+            closed_by_route: DashMap::default(),
             moving: std::sync::RwLock::new(()),
             store: std::sync::OnceLock::new(),
             closes: tokio::sync::broadcast::channel(CLOSES_QUEUED).0,

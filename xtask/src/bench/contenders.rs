@@ -360,7 +360,9 @@ pub(super) fn start(who: Contender, topo: &Topology, daemon: &Path, dir: &Path) 
     let mut child = Topology::exec(&topo.gateway, daemon)
         .args(["run", "--config"])
         .arg(&config)
-        .env("RUST_LOG", "info")
+        // Warnings only, as mihomo runs here (`log-level: warning`): no line per flow. The
+        // start-up lines the bench waits for (accounting mode, ready) stay.
+        .env("RUST_LOG", "warn,tpacct::app=info,tpacct::accounting=info")
         .env("NO_COLOR", "1")
         .stderr(Stdio::piped())
         .spawn()
