@@ -47,7 +47,9 @@ struct Live {
     reported: (u64, u64),
 }
 
-type Closing = Pin<Box<dyn Future<Output = FlowKey> + Send>>;
+/// A flow's close token, resolving to the flow (key and first packet's time) when it fires: on
+/// a DELETE, or when the owner finishes the flow itself (so none outlives its flow).
+type Closing = Pin<Box<dyn Future<Output = (FlowKey, u64)> + Send>>;
 
 pub(super) struct Owner {
     map: HashMap<MapData, FlowKey, FastFlow>,
@@ -232,8 +234,10 @@ impl Owner {
         });
         flow.set_dialed(server);
         let token = flow.close_token().clone();
-        self.closing
-            .push(Box::pin(token.cancelled_owned().map(move |()| key)));
+        let first_ns = value.first_ns;
+        self.closing.push(Box::pin(
+            token.cancelled_owned().map(move |()| (key, first_ns)),
+        ));
         self.live.insert(
             key,
             Live {
@@ -277,6 +281,8 @@ impl Owner {
     async fn finish_with(&mut self, key: FlowKey, traffic: (u64, u64)) {
         self.report(&key, traffic);
         if let Some(live) = self.live.remove(&key) {
+            // Resolves its entry in `closing`, which `kill` then finds gone.
+            live.flow.close_token().cancel();
             self.registry.finish(live.flow).await;
         }
     }
@@ -288,11 +294,12 @@ impl Owner {
             .push_back((Instant::now() + LINGER, event.key, event.flow.first_ns));
     }
 
-    /// DELETE: the entry goes now, so what is left of the connection is dropped.
-    async fn kill(&mut self, key: FlowKey) {
-        let Some(first_ns) = self.live.get(&key).map(|l| l.first_ns) else {
+    /// DELETE of the flow that began at `first_ns`: the entry goes now, so what is left of the
+    /// connection is dropped. Nothing when that flow is already finished.
+    async fn kill(&mut self, key: FlowKey, first_ns: u64) {
+        if self.live.get(&key).is_none_or(|l| l.first_ns != first_ns) {
             return;
-        };
+        }
         match self.map.get(&key, 0) {
             Ok(value) if value.first_ns == first_ns => {
                 let _ = self.map.remove(&key);
@@ -336,7 +343,7 @@ pub(super) fn spawn(
             tokio::select! {
                 () = cancel.cancelled() => break,
                 _ = tick.tick() => owner.tick(ring.get_mut()).await,
-                Some(key) = owner.closing.next() => owner.kill(key).await,
+                Some((key, first_ns)) = owner.closing.next() => owner.kill(key, first_ns).await,
                 guard = ring.readable_mut() => match guard {
                     Ok(mut guard) => {
                         let events = drain(guard.get_inner_mut());
