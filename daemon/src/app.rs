@@ -219,15 +219,21 @@ impl App {
                     .as_ref()
                     .map(|fw| fw.bypass.clone())
                     .unwrap_or_default();
-                match crate::fastpath::FastPath::start(
-                    &fast,
-                    &bypass,
+                let (router, registry, udp_idle) = (
                     router.clone(),
                     registry.clone(),
                     config.udp_idle_timeout.duration(),
-                    &flows.cancel,
-                    &flows.tracker,
-                ) {
+                );
+                let (cancel, tracker) = (flows.cancel.clone(), flows.tracker.clone());
+                // Off the workers: the verifier takes a second or more over the programs.
+                let started = tokio::task::spawn_blocking(move || {
+                    crate::fastpath::FastPath::start(
+                        &fast, &bypass, router, registry, udp_idle, &cancel, &tracker,
+                    )
+                })
+                .await
+                .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+                match started {
                     Ok(f) => {
                         let _ = hooks_of.hooks.fast_path.set(f.stats());
                         Some(f)

@@ -236,7 +236,7 @@ pub(super) fn spawn_reader(
                     Ok(mut guard) => {
                         let ring = guard.get_inner_mut();
                         while let Some(item) = ring.next() {
-                            if let Some(event) = parse(&item) {
+                            if let Some(event) = record::<CloseEvent>(&item) {
                                 slots.deliver(event.cookie, Counters { rx: event.rx, tx: event.tx });
                             }
                         }
@@ -261,10 +261,11 @@ pub(crate) fn readable<T: AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
     Ok(unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }?)
 }
 
-fn parse(bytes: &[u8]) -> Option<CloseEvent> {
-    if bytes.len() < size_of::<CloseEvent>() {
+/// A ring-buffer record read as `T` (an `aya::Pod` event type), if it is long enough.
+pub(crate) fn record<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
         return None;
     }
-    // SAFETY: length checked; CloseEvent is plain integers, valid for any bit pattern.
-    Some(unsafe { bytes.as_ptr().cast::<CloseEvent>().read_unaligned() })
+    // SAFETY: length checked; `T: Pod` is plain integers, valid for any bit pattern.
+    Some(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
 }

@@ -5,7 +5,7 @@
 mod batch;
 pub(crate) use batch::read_all as read_map_batched;
 mod closes;
-pub(crate) use closes::readable;
+pub(crate) use closes::{readable, record};
 mod ebpf;
 mod procs;
 mod sys;

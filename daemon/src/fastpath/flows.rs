@@ -28,6 +28,9 @@ use crate::{
     route::Router,
 };
 
+/// `FlowKey::proto` of a TCP flow (UDP otherwise).
+const TCP: u8 = 6;
+
 /// How often live counters are read from the kernel map.
 const TICK: Duration = Duration::from_secs(1);
 /// How long a closed flow's entry stays so its last packets (the final ACK, a retransmitted
@@ -126,7 +129,7 @@ impl Owner {
                 }
                 continue;
             }
-            let idle = if key.proto == 6 {
+            let idle = if key.proto == TCP {
                 self.tcp_idle
             } else {
                 self.udp_idle
@@ -137,9 +140,9 @@ impl Owner {
                 continue;
             }
             if !self.live_matches(&key, &value) {
-                if let Some(old) = self.live.get(&key).map(|l| l.reported) {
+                if self.live.contains_key(&key) {
                     // The 5-tuple was reused and the old flow's event was lost.
-                    self.finish_with(key, old).await;
+                    self.finish_with(key, self.reported(&key)).await;
                 }
                 self.open(key, &value);
             }
@@ -153,8 +156,7 @@ impl Owner {
             .copied()
             .collect();
         for key in gone {
-            let last = self.live.get(&key).map(|l| l.reported).unwrap_or_default();
-            self.finish_with(key, last).await;
+            self.finish_with(key, self.reported(&key)).await;
         }
         let now = Instant::now();
         while let Some(&(at, key, first_ns)) = self.lingering.front() {
@@ -190,6 +192,23 @@ impl Owner {
         }
     }
 
+    /// What the live flow on `key` has reported so far.
+    fn reported(&self, key: &FlowKey) -> (u64, u64) {
+        self.live.get(key).map(|l| l.reported).unwrap_or_default()
+    }
+
+    /// Ends the live flow on `key` with its entry's final values when the entry is still its
+    /// own, else with what it reported.
+    async fn end(&mut self, key: FlowKey, first_ns: u64) {
+        match self.map.get(&key, 0) {
+            Ok(value) if value.first_ns == first_ns => {
+                let _ = self.map.remove(&key);
+                self.finish(key, &value).await;
+            }
+            _ => self.finish_with(key, self.reported(&key)).await,
+        }
+    }
+
     fn live_matches(&self, key: &FlowKey, value: &FastFlow) -> bool {
         self.live
             .get(key)
@@ -198,15 +217,10 @@ impl Owner {
 
     fn open(&mut self, key: FlowKey, value: &FastFlow) {
         let (client, server) = addresses(&key);
-        let network = if key.proto == 6 {
-            Network::Tcp
+        let (network, proto) = if key.proto == TCP {
+            (Network::Tcp, Proto::Tcp)
         } else {
-            Network::Udp
-        };
-        let proto = if key.proto == 6 {
-            Proto::Tcp
-        } else {
-            Proto::Udp
+            (Network::Udp, Proto::Udp)
         };
         let meta = FlowMeta {
             network,
@@ -297,31 +311,18 @@ impl Owner {
     /// DELETE of the flow that began at `first_ns`: the entry goes now, so what is left of the
     /// connection is dropped. Nothing when that flow is already finished.
     async fn kill(&mut self, key: FlowKey, first_ns: u64) {
-        if self.live.get(&key).is_none_or(|l| l.first_ns != first_ns) {
-            return;
-        }
-        match self.map.get(&key, 0) {
-            Ok(value) if value.first_ns == first_ns => {
-                let _ = self.map.remove(&key);
-                self.finish(key, &value).await;
-            }
-            _ => {
-                let last = self.live.get(&key).map(|l| l.reported).unwrap_or_default();
-                self.finish_with(key, last).await;
-            }
+        if self.live.get(&key).is_some_and(|l| l.first_ns == first_ns) {
+            self.end(key, first_ns).await;
         }
     }
 
-    /// Shutdown: every flow ends with what was counted.
+    /// Shutdown: every flow ends with what was counted (a newer flow on its 5-tuple too).
     async fn finish_all(&mut self) {
         let keys: Vec<FlowKey> = self.live.keys().copied().collect();
         for key in keys {
             match self.map.get(&key, 0) {
                 Ok(value) => self.finish(key, &value).await,
-                Err(_) => {
-                    let last = self.live.get(&key).map(|l| l.reported).unwrap_or_default();
-                    self.finish_with(key, last).await;
-                }
+                Err(_) => self.finish_with(key, self.reported(&key)).await,
             }
         }
     }
@@ -368,10 +369,7 @@ pub(super) fn spawn(
 fn drain(ring: &mut RingBuf<MapData>) -> Vec<FastEvent> {
     let mut events = Vec::new();
     while let Some(item) = ring.next() {
-        if item.len() >= size_of::<FastEvent>() {
-            // SAFETY: length checked; FastEvent is plain integers, valid for any bit pattern.
-            events.push(unsafe { item.as_ptr().cast::<FastEvent>().read_unaligned() });
-        }
+        events.extend(crate::accounting::record::<FastEvent>(&item));
     }
     events
 }

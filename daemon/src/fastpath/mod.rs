@@ -108,6 +108,9 @@ struct Rules {
     table: Array<MapData, FastRule>,
     ctrl: Array<MapData, FastCtrl>,
     current: FastCtrl,
+    /// What the active table was compiled to, and its labels: a reload that compiles the same
+    /// (the periodic address check, most of the time) writes nothing.
+    compiled: Option<(Table, Labels)>,
 }
 
 /// Kernel-side counters, for `/metrics`.
@@ -152,6 +155,7 @@ impl FastPath {
             table: map(&mut ebpf, FAST_RULES)?,
             ctrl: map(&mut ebpf, FAST_CTRL)?,
             current: FastCtrl::default(),
+            compiled: None,
         };
         let tables = Arc::new(Tables {
             rules: Mutex::new(rules),
@@ -234,6 +238,13 @@ impl Tables {
         let mut labels: Labels = rules.iter().map(|r| (r.kind, r.payload.clone())).collect();
         labels.shrink_to_fit();
         let mut state = self.rules.lock().unwrap_or_else(|p| p.into_inner());
+        if state
+            .compiled
+            .as_ref()
+            .is_some_and(|(t, l)| *t == table && *l == labels)
+        {
+            return Ok(());
+        }
         let next = FastCtrl {
             table: state.current.table ^ 1,
             generation: state.current.generation.wrapping_add(1),
@@ -249,7 +260,7 @@ impl Tables {
         }
         {
             let mut all = self.labels.lock().unwrap_or_else(|p| p.into_inner());
-            all.push((next.generation, Arc::new(labels)));
+            all.push((next.generation, Arc::new(labels.clone())));
             // Flows decided by older tables than these are long gone or keep their labels.
             let excess = all.len().saturating_sub(4);
             all.drain(..excess);
@@ -259,7 +270,9 @@ impl Tables {
             source,
         })?;
         state.current = next;
-        match table.stopped_at {
+        let stopped_at = table.stopped_at;
+        state.compiled = Some((table, labels));
+        match stopped_at {
             None => tracing::info!("fast-path: every rule is decided in the kernel"),
             Some(i) => tracing::info!(
                 "fast-path: rules before #{i} are decided in the kernel; flows they leave \
